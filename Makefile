@@ -1,0 +1,56 @@
+# ktrace build. `make help` lists the targets.
+ARCH ?= $(shell uname -m | sed -e 's/x86_64/x86/' -e 's/aarch64/arm64/')
+CLANG ?= clang
+LLVM_STRIP ?= llvm-strip
+BPFTOOL ?= bpftool
+PYTHON ?= python3
+VMLINUX := vmlinux/$(ARCH)/vmlinux.h
+BPF_SRC := $(wildcard bpf/*.bpf.c)
+BPF_HDR := $(wildcard bpf/*.h)
+BPF_OBJ := $(patsubst bpf/%.bpf.c,ktrace/bpf/%.bpf.o,$(BPF_SRC))
+BPF_CFLAGS := -g -O2 -Wall -Werror -target bpf -D__TARGET_ARCH_$(ARCH) -Ivmlinux/$(ARCH) -Ibpf
+
+ifeq ($(filter $(ARCH),x86 arm64),)
+$(error Architecture $(ARCH) is not supported yet)
+endif
+
+.DELETE_ON_ERROR:
+.PHONY: help bpf generate vmlinux test test-unit bench lint clean
+
+help:
+	@echo "bpf       compile and strip the CO-RE objects into ktrace/bpf/, record source hashes"
+	@echo "generate  regenerate ktrace/events/generated.py from the objects' BTF"
+	@echo "vmlinux   regenerate $(VMLINUX) from /sys/kernel/btf/vmlinux"
+	@echo "test      run every test (kernel tests need root)"
+	@echo "bench     overhead benchmark: workload alone, under ktrace, under tcpstates"
+	@echo "lint      ruff"
+
+bpf: $(BPF_OBJ)
+	$(PYTHON) -m ktrace.build manifest
+
+ktrace/bpf/%.bpf.o: bpf/%.bpf.c $(BPF_HDR) $(VMLINUX)
+	$(CLANG) $(BPF_CFLAGS) -c $< -o $@.tmp
+	$(LLVM_STRIP) -g $@.tmp
+	mv $@.tmp $@
+
+generate:
+	$(PYTHON) -m ktrace.build generate
+
+vmlinux:
+	$(BPFTOOL) btf dump file /sys/kernel/btf/vmlinux format c > $(VMLINUX).tmp
+	mv $(VMLINUX).tmp $(VMLINUX)
+
+test:
+	$(PYTHON) -m pytest tests
+
+test-unit:
+	$(PYTHON) -m pytest tests/unit
+
+bench:
+	$(PYTHON) -m benchmarks.bench
+
+lint:
+	$(PYTHON) -m ruff check ktrace tests benchmarks
+
+clean:
+	rm -f ktrace/bpf/*.tmp

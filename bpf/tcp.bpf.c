@@ -1,0 +1,571 @@
+// SPDX-License-Identifier: (LGPL-2.1 OR BSD-2-Clause)
+/*
+ * TCP probe families: tcp_state, connect, retransmit, reset.
+ *
+ * Every alternative of every family is compiled into this one object; the
+ * loader keeps the first alternative of each family that works on the running
+ * kernel and switches the others off before load (ktrace/probes.py).
+ *
+ * State changes, retransmits and resets often run in softirq context, where the
+ * current task is whoever happened to be on the CPU. The sk_owner map remembers
+ * the task that owned each socket, captured in process context, so those events
+ * name the right process.
+ */
+#include "common.bpf.h"
+#include "tcp.h"
+
+char LICENSE[] SEC("license") = "Dual BSD/GPL";
+
+/* Anchors that put the event structs and enums into this object's BTF. */
+struct kt_tcp_state_event _kt_tcp_state_event = {};
+struct kt_connect_event _kt_connect_event = {};
+struct kt_retransmit_event _kt_retransmit_event = {};
+struct kt_reset_event _kt_reset_event = {};
+enum kt_kind _kt_kind = 0;
+enum kt_family _kt_family = 0;
+enum kt_attribution _kt_attribution = 0;
+enum kt_reset_direction _kt_reset_direction = 0;
+
+/* TCP states, from include/net/tcp_states.h. */
+enum {
+	KT_TCP_ESTABLISHED = 1,
+	KT_TCP_SYN_SENT = 2,
+	KT_TCP_SYN_RECV = 3,
+	KT_TCP_FIN_WAIT1 = 4,
+	KT_TCP_CLOSE = 7,
+	KT_TCP_CLOSE_WAIT = 8,
+	KT_TCP_LAST_ACK = 9,
+	KT_TCP_LISTEN = 10,
+};
+
+/* What ktrace remembers of a socket between its events. */
+struct kt_sock {
+	struct kt_task task;
+	__u64 syn_ts;		/* when it entered SYN_SENT */
+	__u8 attribution;	/* enum kt_attribution of task */
+	__u8 sampled;		/* the flow's sampling decision: 1 = keep */
+	__u8 _pad[6];
+};
+
+/*
+ * Socket address → owner and sampling decision.
+ * Inserted at a socket's first event (reset at SYN_SENT, LISTEN and SYN_RECV,
+ * where a socket address starts a new life); upgraded when a state change made
+ * by a syscall shows the owner; deleted when the socket enters CLOSE.
+ */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 65536);
+	__type(key, __u64);
+	__type(value, struct kt_sock);
+} sk_owner SEC(".maps");
+
+struct kt_listen_key {
+	__u32 netns;
+	__u16 port;
+	__u16 _pad;
+};
+
+/*
+ * (netns, port) → task listening there, so that accepted sockets, which are
+ * born in softirq context, are attributed to the server.
+ * Inserted on → LISTEN, deleted on LISTEN → CLOSE.
+ */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 4096);
+	__type(key, struct kt_listen_key);
+	__type(value, struct kt_task);
+} listeners SEC(".maps");
+
+struct kt_connect_args {
+	__u64 ts;
+	__u64 uaddr;		/* struct sockaddr __user * */
+	__u64 skaddr;		/* set by the SYN_SENT change inside this connect */
+	__s32 fd;
+	__u8 sampled;		/* sampling decision taken at SYN_SENT */
+	__u8 decided;
+	__u8 _pad[2];
+};
+
+/*
+ * Thread (pid_tgid) → connect() in flight. Inserted at syscall entry for
+ * AF_INET/AF_INET6 addresses, deleted at exit.
+ */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 8192);
+	__type(key, __u64);
+	__type(value, struct kt_connect_args);
+} connects SEC(".maps");
+
+struct kt_tuple {
+	__u8 saddr[KT_ADDR_LEN];
+	__u8 daddr[KT_ADDR_LEN];
+	__u16 sport;
+	__u16 dport;
+	__u16 family;
+};
+
+static __always_inline void kt_sk_tuple(const struct sock *sk, struct kt_tuple *t)
+{
+	t->family = BPF_CORE_READ(sk, __sk_common.skc_family);
+	/* inet_sport, not skc_num: unhashing on the way to CLOSE zeroes skc_num */
+	t->sport = bpf_ntohs(BPF_CORE_READ((struct inet_sock *)sk, inet_sport));
+	t->dport = bpf_ntohs(BPF_CORE_READ(sk, __sk_common.skc_dport));
+	if (t->family == AF_INET6) {
+		BPF_CORE_READ_INTO((struct in6_addr *)t->saddr, sk, __sk_common.skc_v6_rcv_saddr);
+		BPF_CORE_READ_INTO((struct in6_addr *)t->daddr, sk, __sk_common.skc_v6_daddr);
+	} else {
+		BPF_CORE_READ_INTO((__u32 *)t->saddr, sk, __sk_common.skc_rcv_saddr);
+		BPF_CORE_READ_INTO((__u32 *)t->daddr, sk, __sk_common.skc_daddr);
+	}
+}
+
+static __always_inline void kt_copy_tuple(const struct kt_tuple *t, __u8 *saddr, __u8 *daddr,
+					  __u16 *sport, __u16 *dport, __u16 *family)
+{
+	__builtin_memcpy(saddr, t->saddr, KT_ADDR_LEN);
+	__builtin_memcpy(daddr, t->daddr, KT_ADDR_LEN);
+	*sport = t->sport;
+	*dport = t->dport;
+	*family = t->family;
+}
+
+static __always_inline __u32 kt_sk_netns(const struct sock *sk)
+{
+	return BPF_CORE_READ(sk, __sk_common.skc_net.net, ns.inum);
+}
+
+/*
+ * State changes that only a syscall on the socket makes, so the current task
+ * owns the socket: connect(), listen(), close()/shutdown().
+ */
+static __always_inline bool kt_change_by_owner(int oldstate, int newstate)
+{
+	return newstate == KT_TCP_SYN_SENT || newstate == KT_TCP_LISTEN ||
+	       (oldstate == KT_TCP_LISTEN && newstate == KT_TCP_CLOSE) ||
+	       (oldstate == KT_TCP_ESTABLISHED && newstate == KT_TCP_FIN_WAIT1) ||
+	       (oldstate == KT_TCP_CLOSE_WAIT && newstate == KT_TCP_LAST_ACK);
+}
+
+/* The owner of a socket seen for the first time outside a syscall of its own. */
+static __always_inline void kt_guess_owner(struct kt_sock *o, const struct sock *sk, __u16 sport)
+{
+	struct kt_listen_key key = { .netns = kt_sk_netns(sk), .port = sport };
+	struct kt_task *listener = bpf_map_lookup_elem(&listeners, &key);
+
+	if (listener) {
+		o->task = *listener;
+		o->attribution = KT_ATTR_LISTENER;
+	} else {
+		kt_fill_current(&o->task);
+		o->attribution = KT_ATTR_CPU;
+	}
+}
+
+/* The remembered owner of sk, inserting one (with a fresh sampling decision) if unknown. */
+static __always_inline struct kt_sock *kt_owner_of(const struct sock *sk, __u16 sport)
+{
+	__u64 key = (__u64)sk;
+	struct kt_sock *o = bpf_map_lookup_elem(&sk_owner, &key);
+	struct kt_sock fresh = {};
+
+	if (o)
+		return o;
+	kt_guess_owner(&fresh, sk, sport);
+	fresh.sampled = kt_sample_flow();
+	bpf_map_update_elem(&sk_owner, &key, &fresh, BPF_ANY);
+	return bpf_map_lookup_elem(&sk_owner, &key);
+}
+
+static __always_inline int kt_handle_state(const struct sock *sk, int oldstate, int newstate)
+{
+	struct kt_tcp_state_event *e;
+	struct kt_tuple t = {};
+	struct kt_sock fresh = {};
+	struct kt_sock *o;
+	__u64 key = (__u64)sk;
+	__u64 now = bpf_ktime_get_boot_ns();
+	bool born = newstate == KT_TCP_SYN_SENT || newstate == KT_TCP_LISTEN ||
+		    newstate == KT_TCP_SYN_RECV;
+
+	if (kt_sk_protocol(sk) != IPPROTO_TCP)
+		return 0;
+	kt_count(KT_FAMILY_TCP_STATE, seen);
+	kt_sk_tuple(sk, &t);
+	if (!kt_ports_allow(t.sport, t.dport)) {
+		kt_count(KT_FAMILY_TCP_STATE, filtered);
+		return 0;
+	}
+
+	o = born ? NULL : bpf_map_lookup_elem(&sk_owner, &key);
+	if (!o) {
+		if (kt_change_by_owner(oldstate, newstate)) {
+			kt_fill_current(&fresh.task);
+			fresh.attribution = KT_ATTR_CURRENT;
+		} else {
+			kt_guess_owner(&fresh, sk, t.sport);
+		}
+		if (kt_self_tgid && fresh.task.tgid == kt_self_tgid)
+			return 0;
+		fresh.sampled = kt_sample_flow();
+		if (newstate != KT_TCP_CLOSE) {
+			bpf_map_update_elem(&sk_owner, &key, &fresh, BPF_ANY);
+			o = bpf_map_lookup_elem(&sk_owner, &key);
+		}
+		if (!o)
+			o = &fresh;
+	} else if (o->attribution == KT_ATTR_CPU && kt_change_by_owner(oldstate, newstate)) {
+		/* first sight of the real owner of a socket that predates the window */
+		kt_fill_current(&o->task);
+		o->attribution = KT_ATTR_CURRENT;
+	}
+
+	if (newstate == KT_TCP_SYN_SENT) {
+		struct kt_connect_args *args;
+		__u64 id = bpf_get_current_pid_tgid();
+
+		o->syn_ts = now;
+		/* hand the flow's sampling decision to the connect() in flight */
+		args = bpf_map_lookup_elem(&connects, &id);
+		if (args) {
+			args->skaddr = key;
+			args->sampled = o->sampled;
+			args->decided = 1;
+		}
+	}
+	if (newstate == KT_TCP_LISTEN) {
+		struct kt_listen_key lk = { .netns = kt_sk_netns(sk), .port = t.sport };
+
+		bpf_map_update_elem(&listeners, &lk, &o->task, BPF_ANY);
+	} else if (oldstate == KT_TCP_LISTEN && newstate == KT_TCP_CLOSE) {
+		struct kt_listen_key lk = { .netns = kt_sk_netns(sk), .port = t.sport };
+
+		bpf_map_delete_elem(&listeners, &lk);
+	}
+
+	if (!o->sampled) {
+		kt_count(KT_FAMILY_TCP_STATE, sampled_out);
+		goto out;
+	}
+	e = kt_reserve(KT_FAMILY_TCP_STATE, KT_KIND_TCP_STATE, sizeof(*e));
+	if (!e)
+		goto out;
+	e->task = o->task;
+	e->attribution = o->attribution;
+	e->skaddr = key;
+	e->handshake_ns = oldstate == KT_TCP_SYN_SENT && o->syn_ts ? now - o->syn_ts : 0;
+	kt_copy_tuple(&t, e->saddr, e->daddr, &e->sport, &e->dport, &e->family);
+	e->oldstate = oldstate;
+	e->newstate = newstate;
+	e->sk_err = newstate == KT_TCP_CLOSE ? BPF_CORE_READ(sk, sk_err) : 0;
+	__builtin_memset(e->_pad, 0, sizeof(e->_pad));
+	kt_submit(e, sizeof(*e));
+out:
+	if (newstate == KT_TCP_CLOSE)
+		bpf_map_delete_elem(&sk_owner, &key);
+	return 0;
+}
+
+/* tcp_state, alternative 1: BTF-typed tracepoint (v5.5+), direct arguments. */
+SEC("tp_btf/inet_sock_set_state")
+int BPF_PROG(kt_tcp_st_btf, const struct sock *sk, const int oldstate, const int newstate)
+{
+	return kt_handle_state(sk, oldstate, newstate);
+}
+
+/* tcp_state, alternative 2: the classic tracepoint (v4.16+). */
+SEC("tracepoint/sock/inet_sock_set_state")
+int kt_tcp_st_tp(struct trace_event_raw_inet_sock_set_state *ctx)
+{
+	if (ctx->protocol != IPPROTO_TCP)
+		return 0;
+	return kt_handle_state(ctx->skaddr, ctx->oldstate, ctx->newstate);
+}
+
+/* tcp_state, alternative 3: fentry on tcp_set_state (trampolines, v5.5+). */
+SEC("fentry/tcp_set_state")
+int BPF_PROG(kt_tcp_st_fe, struct sock *sk, int state)
+{
+	int oldstate = BPF_CORE_READ(sk, __sk_common.skc_state);
+
+	if (oldstate == state)
+		return 0;
+	return kt_handle_state(sk, oldstate, state);
+}
+
+/* tcp_state, alternative 4: kprobe on tcp_set_state. */
+SEC("kprobe/tcp_set_state")
+int BPF_KPROBE(kt_tcp_st_kp, struct sock *sk, int state)
+{
+	int oldstate = BPF_CORE_READ(sk, __sk_common.skc_state);
+
+	if (oldstate == state)
+		return 0;
+	return kt_handle_state(sk, oldstate, state);
+}
+
+/* The socket behind a file descriptor of the current task, or NULL. */
+static __always_inline struct sock *kt_sock_of_fd(int fd)
+{
+	struct task_struct *task = (struct task_struct *)bpf_get_current_task();
+	struct fdtable *fdt = BPF_CORE_READ(task, files, fdt);
+	struct file **fds = BPF_CORE_READ(fdt, fd);
+	unsigned int max_fds = BPF_CORE_READ(fdt, max_fds);
+	struct file *file = NULL;
+	struct socket *sock;
+	__u16 mode;
+
+	if (fd < 0 || (unsigned int)fd >= max_fds)
+		return NULL;
+	bpf_probe_read_kernel(&file, sizeof(file), &fds[fd]);
+	if (!file)
+		return NULL;
+	mode = BPF_CORE_READ(file, f_inode, i_mode);
+	if ((mode & 0170000) != 0140000)	/* S_IFSOCK */
+		return NULL;
+	sock = BPF_CORE_READ(file, private_data);
+	return BPF_CORE_READ(sock, sk);
+}
+
+static __always_inline int kt_connect_enter(int fd, const void *uaddr)
+{
+	struct kt_connect_args args = {};
+	__u64 id = bpf_get_current_pid_tgid();
+	__u16 family = 0;
+
+	if (kt_is_self())
+		return 0;
+	bpf_probe_read_user(&family, sizeof(family), uaddr);
+	if (family != AF_INET && family != AF_INET6)
+		return 0;
+	args.ts = bpf_ktime_get_boot_ns();
+	args.uaddr = (__u64)uaddr;
+	args.fd = fd;
+	bpf_map_update_elem(&connects, &id, &args, BPF_ANY);
+	return 0;
+}
+
+static __always_inline int kt_connect_exit(long ret)
+{
+	struct kt_connect_event *e;
+	struct kt_connect_args *args;
+	struct kt_tuple t = {};
+	struct sock *sk;
+	__u64 id = bpf_get_current_pid_tgid();
+	__u64 now = bpf_ktime_get_boot_ns();
+	__u16 protocol = 0;
+	__u16 port = 0;
+	bool sampled;
+
+	args = bpf_map_lookup_elem(&connects, &id);
+	if (!args)
+		return 0;
+	sk = kt_sock_of_fd(args->fd);
+	if (sk) {
+		protocol = kt_sk_protocol(sk);
+		kt_sk_tuple(sk, &t);
+	}
+	if (protocol != IPPROTO_TCP && protocol != IPPROTO_UDP)
+		goto done;
+	kt_count(KT_FAMILY_CONNECT, seen);
+	/* the destination as the caller asked for it, whatever became of the socket */
+	bpf_probe_read_user(&t.family, sizeof(t.family), (void *)args->uaddr);
+	bpf_probe_read_user(&port, sizeof(port), (void *)args->uaddr + 2);
+	t.dport = bpf_ntohs(port);
+	if (t.family == AF_INET6) {
+		bpf_probe_read_user(t.daddr, KT_ADDR_LEN, (void *)args->uaddr + 8);
+	} else {
+		__builtin_memset(t.daddr, 0, KT_ADDR_LEN);
+		bpf_probe_read_user(t.daddr, 4, (void *)args->uaddr + 4);
+	}
+	if (!kt_ports_allow(t.sport, t.dport)) {
+		kt_count(KT_FAMILY_CONNECT, filtered);
+		goto done;
+	}
+	sampled = args->decided ? args->sampled : kt_sample_flow();
+	if (!sampled) {
+		kt_count(KT_FAMILY_CONNECT, sampled_out);
+		goto done;
+	}
+	e = kt_reserve(KT_FAMILY_CONNECT, KT_KIND_CONNECT, sizeof(*e));
+	if (!e)
+		goto done;
+	kt_fill_current(&e->task);
+	e->skaddr = (__u64)sk;
+	e->duration_ns = now - args->ts;
+	e->ret = ret;
+	e->fd = args->fd;
+	kt_copy_tuple(&t, e->saddr, e->daddr, &e->sport, &e->dport, &e->family);
+	e->protocol = protocol;
+	kt_submit(e, sizeof(*e));
+done:
+	bpf_map_delete_elem(&connects, &id);
+	return 0;
+}
+
+/* connect, alternative 1: syscall tracepoints. */
+SEC("tracepoint/syscalls/sys_enter_connect")
+int kt_conn_enter_tp(struct trace_event_raw_sys_enter *ctx)
+{
+	return kt_connect_enter((int)ctx->args[0], (const void *)ctx->args[1]);
+}
+
+SEC("tracepoint/syscalls/sys_exit_connect")
+int kt_conn_exit_tp(struct trace_event_raw_sys_exit *ctx)
+{
+	return kt_connect_exit(ctx->ret);
+}
+
+/* connect, alternative 2: fentry/fexit on __sys_connect (trampolines). */
+SEC("fentry/__sys_connect")
+int BPF_PROG(kt_conn_enter_fe, int fd, struct sockaddr *uaddr, int addrlen)
+{
+	return kt_connect_enter(fd, uaddr);
+}
+
+SEC("fexit/__sys_connect")
+int BPF_PROG(kt_conn_exit_fe, int fd, struct sockaddr *uaddr, int addrlen, int ret)
+{
+	return kt_connect_exit(ret);
+}
+
+static __always_inline int kt_handle_retransmit(const struct sock *sk, int err)
+{
+	struct kt_retransmit_event *e;
+	struct kt_tuple t = {};
+	struct kt_sock *o;
+	const struct tcp_sock *tp = (const struct tcp_sock *)sk;
+
+	kt_count(KT_FAMILY_RETRANSMIT, seen);
+	kt_sk_tuple(sk, &t);
+	if (!kt_ports_allow(t.sport, t.dport)) {
+		kt_count(KT_FAMILY_RETRANSMIT, filtered);
+		return 0;
+	}
+	o = kt_owner_of(sk, t.sport);
+	if (!o)
+		return 0;
+	if (!o->sampled) {
+		kt_count(KT_FAMILY_RETRANSMIT, sampled_out);
+		return 0;
+	}
+	e = kt_reserve(KT_FAMILY_RETRANSMIT, KT_KIND_RETRANSMIT, sizeof(*e));
+	if (!e)
+		return 0;
+	e->task = o->task;
+	e->attribution = o->attribution;
+	e->skaddr = (__u64)sk;
+	e->total_retrans = BPF_CORE_READ(tp, total_retrans);
+	e->snd_cwnd = BPF_CORE_READ(tp, snd_cwnd);
+	e->srtt_us = BPF_CORE_READ(tp, srtt_us) >> 3;
+	e->err = err;
+	kt_copy_tuple(&t, e->saddr, e->daddr, &e->sport, &e->dport, &e->family);
+	e->state = BPF_CORE_READ(sk, __sk_common.skc_state);
+	kt_submit(e, sizeof(*e));
+	return 0;
+}
+
+/* retransmit, alternative 1: BTF-typed tracepoint. */
+SEC("tp_btf/tcp_retransmit_skb")
+int BPF_PROG(kt_retx_btf, const struct sock *sk, const struct sk_buff *skb, int err)
+{
+	return kt_handle_retransmit(sk, err);
+}
+
+/* retransmit, alternative 2: the classic tracepoint. */
+SEC("tracepoint/tcp/tcp_retransmit_skb")
+int kt_retx_tp(struct trace_event_raw_tcp_retransmit_skb *ctx)
+{
+	return kt_handle_retransmit(ctx->skaddr, ctx->err);
+}
+
+/* retransmit, alternative 3: kprobe on __tcp_retransmit_skb. */
+SEC("kprobe/__tcp_retransmit_skb")
+int BPF_KPROBE(kt_retx_kp, struct sock *sk)
+{
+	return kt_handle_retransmit(sk, 0);
+}
+
+static __always_inline int kt_emit_reset(const struct sock *sk, struct kt_tuple *t, __u32 reason,
+					 __u8 state, __u8 direction)
+{
+	struct kt_reset_event *e;
+	struct kt_sock *o = NULL;
+
+	kt_count(KT_FAMILY_RESET, seen);
+	if (!kt_ports_allow(t->sport, t->dport)) {
+		kt_count(KT_FAMILY_RESET, filtered);
+		return 0;
+	}
+	if (sk) {
+		o = kt_owner_of(sk, t->sport);
+		if (o && !o->sampled) {
+			kt_count(KT_FAMILY_RESET, sampled_out);
+			return 0;
+		}
+	} else if (!kt_sample_flow()) {
+		kt_count(KT_FAMILY_RESET, sampled_out);
+		return 0;
+	}
+	e = kt_reserve(KT_FAMILY_RESET, KT_KIND_RESET, sizeof(*e));
+	if (!e)
+		return 0;
+	if (o) {
+		e->task = o->task;
+		e->attribution = o->attribution;
+	} else {
+		/* a reset with no socket (a closed port) belongs to no process */
+		kt_fill_current(&e->task);
+		e->attribution = KT_ATTR_CPU;
+	}
+	e->skaddr = (__u64)sk;
+	e->reason = reason;
+	e->_pad0 = 0;
+	kt_copy_tuple(t, e->saddr, e->daddr, &e->sport, &e->dport, &e->family);
+	e->state = state;
+	e->direction = direction;
+	__builtin_memset(e->_pad1, 0, sizeof(e->_pad1));
+	kt_submit(e, sizeof(*e));
+	return 0;
+}
+
+/* Read a struct sockaddr_in/sockaddr_in6 as the tracepoint stored it. */
+static __always_inline void kt_read_sockaddr(const __u8 *sa, __u8 *addr, __u16 *port, __u16 *family)
+{
+	__u16 be_port = 0;
+
+	bpf_probe_read_kernel(family, sizeof(*family), sa);
+	bpf_probe_read_kernel(&be_port, sizeof(be_port), sa + 2);
+	*port = bpf_ntohs(be_port);
+	if (*family == AF_INET6)
+		bpf_probe_read_kernel(addr, KT_ADDR_LEN, sa + 8);
+	else
+		bpf_probe_read_kernel(addr, 4, sa + 4);
+}
+
+/* reset, alternative 1: the tcp tracepoints (v5.5 send/receive, v6.10 reason). */
+SEC("tracepoint/tcp/tcp_send_reset")
+int kt_rst_send_tp(struct trace_event_raw_tcp_send_reset *ctx)
+{
+	struct kt_tuple t = {};
+	__u32 reason = 0;
+
+	/* saddr is the side that sends the reset, also when no socket matched */
+	kt_read_sockaddr(ctx->saddr, t.saddr, &t.sport, &t.family);
+	kt_read_sockaddr(ctx->daddr, t.daddr, &t.dport, &t.family);
+	if (bpf_core_field_exists(ctx->reason))
+		reason = BPF_CORE_READ(ctx, reason);
+	return kt_emit_reset(ctx->skaddr, &t, reason, ctx->state, KT_RESET_SENT);
+}
+
+SEC("tracepoint/tcp/tcp_receive_reset")
+int kt_rst_recv_tp(struct trace_event_raw_tcp_event_sk *ctx)
+{
+	const struct sock *sk = ctx->skaddr;
+	struct kt_tuple t = {};
+
+	kt_sk_tuple(sk, &t);
+	return kt_emit_reset(sk, &t, 0, BPF_CORE_READ(sk, __sk_common.skc_state), KT_RESET_RECEIVED);
+}

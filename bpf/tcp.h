@@ -1,0 +1,92 @@
+/* SPDX-License-Identifier: (LGPL-2.1 OR BSD-2-Clause) */
+/* TCP event family: state changes, connect() calls, retransmits, resets. */
+#ifndef KTRACE_TCP_H
+#define KTRACE_TCP_H
+
+#include "common.h"
+
+/*
+ * Addresses are 16 bytes in network order; an IPv4 address fills the first 4.
+ * family is AF_INET (2) or AF_INET6 (10).
+ */
+
+/* inet_sock_set_state for a TCP socket. */
+struct kt_tcp_state_event {
+	struct kt_hdr hdr;
+	struct kt_task task;
+	__u64 skaddr;
+	__u64 handshake_ns;	/* leaving SYN_SENT: time since entering it, else 0 */
+	__u8 saddr[KT_ADDR_LEN];
+	__u8 daddr[KT_ADDR_LEN];
+	__u16 sport;
+	__u16 dport;
+	__u16 family;
+	__u8 oldstate;
+	__u8 newstate;
+	__u8 attribution;	/* enum kt_attribution */
+	__u8 sk_err;		/* sk->sk_err when entering CLOSE (ETIMEDOUT, ECONNREFUSED, ...) */
+	__u8 _pad[6];
+};
+_Static_assert(sizeof(struct kt_tcp_state_event) == 160, "kt_tcp_state_event layout");
+
+/* One connect(2) on an AF_INET/AF_INET6 socket, from entry to return. */
+struct kt_connect_event {
+	struct kt_hdr hdr;
+	struct kt_task task;
+	__u64 skaddr;
+	__u64 duration_ns;	/* time inside the syscall */
+	__s32 ret;		/* 0 or -errno (-EINPROGRESS for non-blocking sockets) */
+	__s32 fd;
+	__u8 saddr[KT_ADDR_LEN];
+	__u8 daddr[KT_ADDR_LEN];
+	__u16 sport;
+	__u16 dport;
+	__u16 family;
+	__u16 protocol;		/* IPPROTO_TCP or IPPROTO_UDP */
+};
+_Static_assert(sizeof(struct kt_connect_event) == 160, "kt_connect_event layout");
+
+/* tcp_retransmit_skb: one retransmitted segment. */
+struct kt_retransmit_event {
+	struct kt_hdr hdr;
+	struct kt_task task;
+	__u64 skaddr;
+	__u32 total_retrans;	/* tcp_sock counters after this retransmit */
+	__u32 snd_cwnd;
+	__u32 srtt_us;
+	__s32 err;		/* result of the transmit */
+	__u8 saddr[KT_ADDR_LEN];
+	__u8 daddr[KT_ADDR_LEN];
+	__u16 sport;
+	__u16 dport;
+	__u16 family;
+	__u8 state;
+	__u8 attribution;
+};
+_Static_assert(sizeof(struct kt_retransmit_event) == 160, "kt_retransmit_event layout");
+
+enum kt_reset_direction {
+	KT_RESET_SENT = 1,
+	KT_RESET_RECEIVED = 2,
+};
+
+/* tcp_send_reset / tcp_receive_reset. Ports and addresses are the local socket's view. */
+struct kt_reset_event {
+	struct kt_hdr hdr;
+	struct kt_task task;
+	__u64 skaddr;		/* 0 when no socket matched (RST to a closed port) */
+	__u32 reason;		/* enum sk_rst_reason of the running kernel; sent only */
+	__u32 _pad0;
+	__u8 saddr[KT_ADDR_LEN];
+	__u8 daddr[KT_ADDR_LEN];
+	__u16 sport;
+	__u16 dport;
+	__u16 family;
+	__u8 state;
+	__u8 direction;		/* enum kt_reset_direction */
+	__u8 attribution;
+	__u8 _pad1[7];
+};
+_Static_assert(sizeof(struct kt_reset_event) == 160, "kt_reset_event layout");
+
+#endif /* KTRACE_TCP_H */

@@ -1,0 +1,260 @@
+"""One capture session: resolve probe chains → open → configure → load → attach → drain → detach.
+
+The loader keeps, for each selected family, the first alternative of its chain
+whose check passes and that loads and attaches on this kernel. A program the
+kernel refuses is switched off and the next alternative is tried, so a hardened
+kernel (no kprobes, no trampolines) still gets every family it can.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+
+from ktrace import libbpf, probes
+from ktrace.errors import BpfError, KtraceError
+from ktrace.events import generated
+
+log = logging.getLogger("ktrace.capture")
+
+# Maps that every object declares identically and that the session shares.
+SHARED_MAPS = ("events", "counters", "ports")
+
+DEFAULT_MAP_SIZES = {
+    "sk_owner": 65536,  # sockets remembered with their owner
+    "listeners": 4096,  # listening (netns, port) pairs
+    "connects": 8192,  # connect() calls in flight
+}
+
+
+@dataclass
+class CaptureConfig:
+    families: tuple[str, ...] = tuple(f.name for f in probes.FAMILIES if f.default)
+    ports: tuple[int, ...] = ()
+    sample_every: int = 1
+    ring_bytes: int = 8 << 20
+    wake_bytes: int = 256 << 10
+    map_sizes: dict[str, int] = field(default_factory=lambda: dict(DEFAULT_MAP_SIZES))
+    self_tgid: int = field(default_factory=os.getpid)
+
+
+class Capture:
+    """Loaded and attached objects of one session, and the ring buffer they write to."""
+
+    def __init__(self, objects: dict[str, libbpf.BpfObject], links: list[libbpf.Link],
+                 table: list[probes.FamilyStatus], config: CaptureConfig) -> None:
+        self.objects = objects
+        self.links = links
+        self.table = table
+        self.config = config
+        first = next(iter(objects.values()))
+        self._events = first.map("events")
+        self._counters = first.map("counters")
+        self.pending: list[bytes] = []
+        self.ring = libbpf.RingBuffer(self._events.fd, self._on_record)
+        self.map_report = _map_report(objects)
+
+    def _on_record(self, data: int, size: int) -> int:
+        self.pending.append(ctypes.string_at(data, size))
+        return 0
+
+    def poll(self, timeout_ms: int) -> list[bytes]:
+        """Wait up to timeout_ms (or a wakeup), then take every record in the ring."""
+        self.ring.poll(timeout_ms)
+        self.ring.consume()
+        batch, self.pending = self.pending, []
+        return batch
+
+    def drain(self) -> list[bytes]:
+        self.ring.consume()
+        batch, self.pending = self.pending, []
+        return batch
+
+    def detach(self) -> None:
+        for link in self.links:
+            link.destroy()
+        self.links = []
+
+    def counters(self) -> dict[str, dict[str, int]]:
+        """In-kernel loss accounting per family, summed over CPUs."""
+        layout = generated.COUNTERS
+        out: dict[str, dict[str, int]] = {}
+        for index, family in generated.FAMILY.items():
+            totals = dict.fromkeys(layout.names, 0)
+            for raw in self._counters.lookup_percpu(index.to_bytes(4, "little")):
+                for name, value in zip(layout.names, layout.unpack(raw)):
+                    totals[name] += value
+            out[family] = totals
+        return out
+
+    def close(self) -> None:
+        self.detach()
+        self.ring.free()
+        for obj in self.objects.values():
+            obj.close()
+        self.objects = {}
+
+
+def _map_report(objects: dict[str, libbpf.BpfObject]) -> list[dict]:
+    report = []
+    seen: set[str] = set()
+    for obj in objects.values():
+        for name in (*SHARED_MAPS, *DEFAULT_MAP_SIZES):
+            if name in seen:
+                continue
+            try:
+                m = obj.map(name)
+            except BpfError:
+                continue
+            seen.add(name)
+            report.append({"map": name, "max_entries": m.max_entries, "key_size": m.key_size,
+                           "value_size": m.value_size})
+    return report
+
+
+def _selected(config: CaptureConfig) -> list[probes.Family]:
+    unknown = set(config.families) - set(probes.FAMILY_BY_NAME)
+    if unknown:
+        raise KtraceError(f"unknown probe family: {', '.join(sorted(unknown))}")
+    return [f for f in probes.FAMILIES if f.name in config.families]
+
+
+def _configure(obj: libbpf.BpfObject, config: CaptureConfig, shared: dict[str, int], enabled: set[str]) -> None:
+    for prog in obj.programs():
+        prog.set_autoload(prog.name in enabled)
+    obj.set_rodata({
+        "kt_self_tgid": config.self_tgid,
+        "kt_sample_every": max(config.sample_every, 1),
+        "kt_filter_ports": 1 if config.ports else 0,
+        "kt_wake_bytes": config.wake_bytes,
+    })
+    obj.map("events").set_max_entries(config.ring_bytes)
+    for name, size in config.map_sizes.items():
+        try:
+            m = obj.map(name)
+        except BpfError:
+            continue
+        m.set_max_entries(size)
+    for name, fd in shared.items():
+        obj.map(name).reuse_fd(fd)
+
+
+def _fill_ports(obj: libbpf.BpfObject, ports: tuple[int, ...]) -> None:
+    m = obj.map("ports")
+    for port in ports:
+        m.update(port.to_bytes(2, "little"), b"\x01")
+
+
+def load(config: CaptureConfig) -> Capture:
+    """Resolve every selected family's chain on this kernel and attach the winners."""
+    families = _selected(config)
+    table = {f.name: probes.FamilyStatus(
+        f.name, alternatives=[probes.HookStatus(h.label, "not tried", min_kernel=h.min_kernel) for h in f.chain])
+        for f in families}
+    refused: dict[str, set[str]] = {f.name: set() for f in families}
+    attempts = sum(len(f.chain) for f in families) + 1
+    for _ in range(attempts):
+        choice: dict[str, probes.Hook] = {}
+        for fam in families:
+            status = table[fam.name]
+            for hook, row in zip(fam.chain, status.alternatives):
+                if hook.label in refused[fam.name]:
+                    continue
+                result = hook.check()
+                if not result.ok:
+                    row.status, row.reason = "unsupported", result.reason
+                    continue
+                choice[fam.name] = hook
+                break
+        by_object: dict[str, set[str]] = {}
+        for fam in families:
+            if fam.name in choice:
+                by_object.setdefault(fam.obj, set()).update(choice[fam.name].programs)
+        if not by_object:
+            break
+        try:
+            capture = _load_and_attach(by_object, config, table)
+        except BpfError as exc:
+            blamed = [f for f in families if f.name in choice and exc.program in choice[f.name].programs]
+            if not blamed:
+                raise
+            fam = blamed[0]
+            hook = choice[fam.name]
+            refused[fam.name].add(hook.label)
+            row = table[fam.name].alternatives[fam.chain.index(hook)]
+            row.status, row.reason = "refused", exc.message.split(" failed ", 1)[-1].strip("()")
+            log.info("%s: %s refused (%s); trying the next alternative", fam.name, hook.label, row.reason)
+            continue
+        for fam in families:
+            status = table[fam.name]
+            if fam.name in choice:
+                hook = choice[fam.name]
+                status.chosen, status.status = hook.label, "ok"
+                status.alternatives[fam.chain.index(hook)].status = "chosen"
+                skipped = [a for a in status.alternatives if a.status in ("refused", "unsupported")]
+                status.reason = "; ".join(f"{a.hook}: {a.reason}" for a in skipped)
+        capture.table = [table[f.name] for f in families]
+        return capture
+    for fam in families:
+        status = table[fam.name]
+        status.status = "missing"
+        status.reason = "; ".join(f"{a.hook}: {a.status} ({a.reason})" for a in status.alternatives)
+    missing = [f.name for f in families if f.required]
+    raise KtraceError(
+        f"no alternative of {', '.join(missing) or 'any family'} works on this kernel: "
+        + " | ".join(table[name].reason for name in missing or table)
+    )
+
+
+def _load_and_attach(by_object: dict[str, set[str]], config: CaptureConfig,
+                     table: dict[str, probes.FamilyStatus]) -> Capture:
+    objects: dict[str, libbpf.BpfObject] = {}
+    links: list[libbpf.Link] = []
+    shared: dict[str, int] = {}
+    try:
+        for obj_name, programs in by_object.items():
+            obj = libbpf.BpfObject(probes.object_path(obj_name))
+            objects[obj_name] = obj
+            _configure(obj, config, shared, programs)
+            obj.load()
+            if not shared:
+                shared = {name: obj.map(name).fd for name in SHARED_MAPS}
+                _fill_ports(obj, config.ports)
+        for obj_name, programs in by_object.items():
+            for prog in objects[obj_name].programs():
+                if prog.name in programs:
+                    links.append(prog.attach())
+        return Capture(objects, links, list(table.values()), config)
+    except BaseException:
+        for link in links:
+            link.destroy()
+        for obj in objects.values():
+            obj.close()
+        raise
+
+
+def trial(family: probes.Family, hook: probes.Hook) -> tuple[str, str]:
+    """Load and attach one alternative on its own, then detach: (status, reason) for doctor."""
+    result = hook.check()
+    if not result.ok:
+        return "unsupported", result.reason
+    config = CaptureConfig(families=(family.name,), ring_bytes=64 << 10,
+                           map_sizes=dict.fromkeys(DEFAULT_MAP_SIZES, 64))
+    try:
+        capture = _load_and_attach({family.obj: set(hook.programs)}, config, {})
+    except BpfError as exc:
+        return "refused", exc.message.split(" failed ", 1)[-1].strip("()")
+    capture.close()
+    return "available", ""
+
+
+def boot_to_wall_offset_ns() -> int:
+    """Add to a bpf_ktime_get_boot_ns() stamp to get Unix time in ns."""
+    # bracket the boot-clock read with two wall-clock reads and take the midpoint
+    before = time.time_ns()
+    boot = time.clock_gettime_ns(time.CLOCK_BOOTTIME)
+    after = time.time_ns()
+    return (before + after) // 2 - boot

@@ -1,0 +1,253 @@
+"""The probe registry: every family, its ordered chain of alternatives, and their checks.
+
+All alternatives of a family are compiled into the same BPF object. The loader
+keeps the first alternative whose check passes and that loads and attaches, and
+switches the rest off before load. This file is the one table of fallback chains.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from enum import Enum
+from pathlib import Path
+
+from ktrace import libbpf
+
+TRACEFS_CANDIDATES = ("/sys/kernel/tracing", "/sys/kernel/debug/tracing")
+KPROBE_PMU = Path("/sys/bus/event_source/devices/kprobe/type")
+KALLSYMS = Path("/proc/kallsyms")
+
+
+class Verdict(str, Enum):
+    SUPPORTED = "supported"
+    UNSUPPORTED = "unsupported"
+    INCONCLUSIVE = "inconclusive"
+
+
+@dataclass(frozen=True)
+class CheckResult:
+    verdict: Verdict
+    reason: str = ""
+
+    @property
+    def ok(self) -> bool:
+        # An inconclusive check does not rule an alternative out: loading it decides.
+        return self.verdict != Verdict.UNSUPPORTED
+
+
+SUPPORTED = CheckResult(Verdict.SUPPORTED)
+
+
+@dataclass(frozen=True)
+class Hook:
+    """One alternative of a family: the programs that implement it and its precondition."""
+
+    label: str  # e.g. "tp_btf/inet_sock_set_state"
+    programs: tuple[str, ...]
+    check: Callable[[], CheckResult]
+    min_kernel: str
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str
+    obj: str  # the BPF object under ktrace/bpf/
+    chain: tuple[Hook, ...]
+    description: str
+    required: bool = False
+    default: bool = True
+
+    def programs(self) -> set[str]:
+        return {p for hook in self.chain for p in hook.programs}
+
+
+# --- feature checks (cached; each answers for the running kernel) ---
+
+
+@functools.lru_cache(maxsize=None)
+def tracefs() -> Path | None:
+    """The tracefs mount, mounting it at /sys/kernel/tracing when it is missing."""
+    for candidate in TRACEFS_CANDIDATES:
+        if Path(candidate, "events").is_dir():
+            return Path(candidate)
+    target = TRACEFS_CANDIDATES[0]
+    if os.path.isdir(target) and os.geteuid() == 0:
+        # tracepoint attachment needs the event ids that only tracefs exposes
+        os.system(f"mount -t tracefs nodev {target} >/dev/null 2>&1")
+        if Path(target, "events").is_dir():
+            return Path(target)
+    return None
+
+
+@functools.lru_cache(maxsize=None)
+def vmlinux_btf() -> libbpf.Btf | None:
+    if not Path("/sys/kernel/btf/vmlinux").exists():
+        return None
+    try:
+        return libbpf.Btf.vmlinux()
+    except libbpf.BpfError:
+        return None
+
+
+@functools.lru_cache(maxsize=None)
+def _kallsyms() -> frozenset[str]:
+    try:
+        return frozenset(line.split()[2] for line in KALLSYMS.read_text().splitlines() if len(line.split()) >= 3)
+    except OSError:
+        return frozenset()
+
+
+def tracepoint(category: str, name: str) -> Callable[[], CheckResult]:
+    @functools.lru_cache(maxsize=None)
+    def check() -> CheckResult:
+        root = tracefs()
+        if root is None:
+            return CheckResult(Verdict.UNSUPPORTED, "tracefs is not mounted and cannot be mounted")
+        if not (root / "events" / category / name).is_dir():
+            return CheckResult(Verdict.UNSUPPORTED, f"no tracepoint {category}/{name} in this kernel")
+        return SUPPORTED
+
+    return check
+
+
+def tp_btf(name: str) -> Callable[[], CheckResult]:
+    @functools.lru_cache(maxsize=None)
+    def check() -> CheckResult:
+        btf = vmlinux_btf()
+        if btf is None:
+            return CheckResult(Verdict.UNSUPPORTED, "the kernel exposes no BTF")
+        if not btf.has(f"btf_trace_{name}", libbpf.BTF_KIND_TYPEDEF):
+            return CheckResult(Verdict.UNSUPPORTED, f"no BTF tracepoint {name} in this kernel")
+        return SUPPORTED
+
+    return check
+
+
+def fentry(function: str) -> Callable[[], CheckResult]:
+    @functools.lru_cache(maxsize=None)
+    def check() -> CheckResult:
+        btf = vmlinux_btf()
+        if btf is None:
+            return CheckResult(Verdict.UNSUPPORTED, "the kernel exposes no BTF")
+        if not btf.has(function, libbpf.BTF_KIND_FUNC):
+            return CheckResult(Verdict.UNSUPPORTED, f"no BTF for function {function}")
+        # whether trampolines are allowed is only known by loading one
+        return CheckResult(Verdict.INCONCLUSIVE, "trampolines are decided at load")
+
+    return check
+
+
+def kprobe(function: str) -> Callable[[], CheckResult]:
+    @functools.lru_cache(maxsize=None)
+    def check() -> CheckResult:
+        if not KPROBE_PMU.exists():
+            return CheckResult(Verdict.UNSUPPORTED, "no kprobe PMU (kernel built without CONFIG_KPROBES)")
+        symbols = _kallsyms()
+        if symbols and function not in symbols:
+            return CheckResult(Verdict.UNSUPPORTED, f"no kernel function {function}")
+        return SUPPORTED
+
+    return check
+
+
+def all_of(*checks: Callable[[], CheckResult]) -> Callable[[], CheckResult]:
+    def check() -> CheckResult:
+        results = [c() for c in checks]
+        for r in results:
+            if not r.ok:
+                return r
+        for r in results:
+            if r.verdict == Verdict.INCONCLUSIVE:
+                return r
+        return SUPPORTED
+
+    return check
+
+
+# --- the table ---
+
+FAMILIES: tuple[Family, ...] = (
+    Family(
+        "tcp_state",
+        "tcp.bpf.o",
+        description="TCP state changes, handshake time, owner of each socket",
+        required=True,
+        chain=(
+            Hook("tp_btf/inet_sock_set_state", ("kt_tcp_st_btf",), tp_btf("inet_sock_set_state"), "5.5"),
+            Hook("tracepoint/sock/inet_sock_set_state", ("kt_tcp_st_tp",),
+                 tracepoint("sock", "inet_sock_set_state"), "4.16"),
+            Hook("fentry/tcp_set_state", ("kt_tcp_st_fe",), fentry("tcp_set_state"), "5.5"),
+            Hook("kprobe/tcp_set_state", ("kt_tcp_st_kp",), kprobe("tcp_set_state"), "4.1"),
+        ),
+    ),
+    Family(
+        "connect",
+        "tcp.bpf.o",
+        description="connect(2) calls: errno and time in the syscall",
+        chain=(
+            Hook("tracepoint/syscalls/sys_{enter,exit}_connect", ("kt_conn_enter_tp", "kt_conn_exit_tp"),
+                 all_of(tracepoint("syscalls", "sys_enter_connect"), tracepoint("syscalls", "sys_exit_connect")),
+                 "4.7"),
+            Hook("fentry+fexit/__sys_connect", ("kt_conn_enter_fe", "kt_conn_exit_fe"), fentry("__sys_connect"),
+                 "5.5"),
+        ),
+    ),
+    Family(
+        "retransmit",
+        "tcp.bpf.o",
+        description="TCP retransmitted segments, attributed to the socket's owner",
+        chain=(
+            Hook("tp_btf/tcp_retransmit_skb", ("kt_retx_btf",), tp_btf("tcp_retransmit_skb"), "5.5"),
+            Hook("tracepoint/tcp/tcp_retransmit_skb", ("kt_retx_tp",), tracepoint("tcp", "tcp_retransmit_skb"),
+                 "4.16"),
+            Hook("kprobe/__tcp_retransmit_skb", ("kt_retx_kp",), kprobe("__tcp_retransmit_skb"), "4.1"),
+        ),
+    ),
+    Family(
+        "reset",
+        "tcp.bpf.o",
+        description="TCP resets sent and received, with the kernel's reason",
+        chain=(
+            Hook("tracepoint/tcp/tcp_{send,receive}_reset", ("kt_rst_send_tp", "kt_rst_recv_tp"),
+                 all_of(tracepoint("tcp", "tcp_send_reset"), tracepoint("tcp", "tcp_receive_reset")), "5.5"),
+        ),
+    ),
+)
+
+FAMILY_BY_NAME = {f.name: f for f in FAMILIES}
+
+
+def object_path(obj: str) -> str:
+    return str(Path(__file__).resolve().parent / "bpf" / obj)
+
+
+# --- the outcome of resolving chains, as it goes into doctor, node.json and summary.json ---
+
+
+@dataclass
+class HookStatus:
+    hook: str
+    status: str  # chosen | available | refused | unsupported | not tried
+    reason: str = ""
+    min_kernel: str = ""
+
+
+@dataclass
+class FamilyStatus:
+    family: str
+    chosen: str | None = None
+    status: str = "missing"  # ok | missing | disabled
+    reason: str = ""
+    alternatives: list[HookStatus] = field(default_factory=list)
+
+    def as_dict(self) -> dict:
+        return {
+            "family": self.family,
+            "chosen": self.chosen,
+            "status": self.status,
+            "reason": self.reason,
+            "alternatives": [vars(a) for a in self.alternatives],
+        }

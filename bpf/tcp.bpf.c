@@ -164,19 +164,22 @@ static __always_inline void kt_guess_owner(struct kt_sock *o, const struct sock 
 	}
 }
 
-/* The remembered owner of sk, inserting one (with a fresh sampling decision) if unknown. */
-static __always_inline struct kt_sock *kt_owner_of(const struct sock *sk, __u16 sport)
+/*
+ * The remembered owner of sk, inserting one (with a fresh sampling decision) if
+ * unknown. Falls back to *scratch when the map cannot take the entry.
+ */
+static __always_inline struct kt_sock *kt_owner_of(const struct sock *sk, __u16 sport, struct kt_sock *scratch)
 {
 	__u64 key = (__u64)sk;
 	struct kt_sock *o = bpf_map_lookup_elem(&sk_owner, &key);
-	struct kt_sock fresh = {};
 
 	if (o)
 		return o;
-	kt_guess_owner(&fresh, sk, sport);
-	fresh.sampled = kt_sample_flow();
-	bpf_map_update_elem(&sk_owner, &key, &fresh, BPF_ANY);
-	return bpf_map_lookup_elem(&sk_owner, &key);
+	kt_guess_owner(scratch, sk, sport);
+	scratch->sampled = kt_sample_flow();
+	bpf_map_update_elem(&sk_owner, &key, scratch, BPF_ANY);
+	o = bpf_map_lookup_elem(&sk_owner, &key);
+	return o ? o : scratch;
 }
 
 static __always_inline int kt_handle_state(const struct sock *sk, int oldstate, int newstate)
@@ -207,8 +210,11 @@ static __always_inline int kt_handle_state(const struct sock *sk, int oldstate, 
 		} else {
 			kt_guess_owner(&fresh, sk, t.sport);
 		}
-		if (kt_self_tgid && fresh.task.tgid == kt_self_tgid)
+		if (kt_self_tgid && fresh.task.tgid == kt_self_tgid) {
+			/* ktrace's own sockets */
+			kt_count(KT_FAMILY_TCP_STATE, filtered);
 			return 0;
+		}
 		fresh.sampled = kt_sample_flow();
 		if (newstate != KT_TCP_CLOSE) {
 			bpf_map_update_elem(&sk_owner, &key, &fresh, BPF_ANY);
@@ -435,6 +441,7 @@ static __always_inline int kt_handle_retransmit(const struct sock *sk, int err)
 {
 	struct kt_retransmit_event *e;
 	struct kt_tuple t = {};
+	struct kt_sock scratch = {};
 	struct kt_sock *o;
 	const struct tcp_sock *tp = (const struct tcp_sock *)sk;
 
@@ -444,9 +451,7 @@ static __always_inline int kt_handle_retransmit(const struct sock *sk, int err)
 		kt_count(KT_FAMILY_RETRANSMIT, filtered);
 		return 0;
 	}
-	o = kt_owner_of(sk, t.sport);
-	if (!o)
-		return 0;
+	o = kt_owner_of(sk, t.sport, &scratch);
 	if (!o->sampled) {
 		kt_count(KT_FAMILY_RETRANSMIT, sampled_out);
 		return 0;
@@ -492,6 +497,7 @@ static __always_inline int kt_emit_reset(const struct sock *sk, struct kt_tuple 
 					 __u8 state, __u8 direction)
 {
 	struct kt_reset_event *e;
+	struct kt_sock scratch = {};
 	struct kt_sock *o = NULL;
 
 	kt_count(KT_FAMILY_RESET, seen);
@@ -500,8 +506,8 @@ static __always_inline int kt_emit_reset(const struct sock *sk, struct kt_tuple 
 		return 0;
 	}
 	if (sk) {
-		o = kt_owner_of(sk, t->sport);
-		if (o && !o->sampled) {
+		o = kt_owner_of(sk, t->sport, &scratch);
+		if (!o->sampled) {
 			kt_count(KT_FAMILY_RESET, sampled_out);
 			return 0;
 		}

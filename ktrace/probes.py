@@ -67,7 +67,7 @@ class Family:
 # --- feature checks (cached; each answers for the running kernel) ---
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def tracefs() -> Path | None:
     """The tracefs mount, mounting it at /sys/kernel/tracing when it is missing."""
     for candidate in TRACEFS_CANDIDATES:
@@ -82,7 +82,7 @@ def tracefs() -> Path | None:
     return None
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def vmlinux_btf() -> libbpf.Btf | None:
     if not Path("/sys/kernel/btf/vmlinux").exists():
         return None
@@ -92,7 +92,7 @@ def vmlinux_btf() -> libbpf.Btf | None:
         return None
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _kallsyms() -> frozenset[str]:
     try:
         return frozenset(line.split()[2] for line in KALLSYMS.read_text().splitlines() if len(line.split()) >= 3)
@@ -101,7 +101,7 @@ def _kallsyms() -> frozenset[str]:
 
 
 def tracepoint(category: str, name: str) -> Callable[[], CheckResult]:
-    @functools.lru_cache(maxsize=None)
+    @functools.cache
     def check() -> CheckResult:
         root = tracefs()
         if root is None:
@@ -114,7 +114,7 @@ def tracepoint(category: str, name: str) -> Callable[[], CheckResult]:
 
 
 def tp_btf(name: str) -> Callable[[], CheckResult]:
-    @functools.lru_cache(maxsize=None)
+    @functools.cache
     def check() -> CheckResult:
         btf = vmlinux_btf()
         if btf is None:
@@ -127,7 +127,7 @@ def tp_btf(name: str) -> Callable[[], CheckResult]:
 
 
 def fentry(function: str) -> Callable[[], CheckResult]:
-    @functools.lru_cache(maxsize=None)
+    @functools.cache
     def check() -> CheckResult:
         btf = vmlinux_btf()
         if btf is None:
@@ -141,7 +141,7 @@ def fentry(function: str) -> Callable[[], CheckResult]:
 
 
 def kprobe(function: str) -> Callable[[], CheckResult]:
-    @functools.lru_cache(maxsize=None)
+    @functools.cache
     def check() -> CheckResult:
         if not KPROBE_PMU.exists():
             return CheckResult(Verdict.UNSUPPORTED, "no kprobe PMU (kernel built without CONFIG_KPROBES)")

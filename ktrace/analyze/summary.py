@@ -1,0 +1,49 @@
+"""summary.json: counts, losses, the probe table, top talkers and findings of one window."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+from ktrace.analyze.tcp import TcpAnalysis
+
+SCHEMA = "ktrace.summary/1"
+LOSS_KINDS = ("filtered", "sampled_out", "ringbuf_full", "capped", "disk_full", "undecodable")
+
+
+class Summary:
+    """Accumulates every decoded event of a window (written or not) into summary.json."""
+
+    def __init__(self) -> None:
+        self.counts: Counter[str] = Counter()
+        self.tcp = TcpAnalysis()
+
+    def add(self, event: dict, line: int | None) -> None:
+        self.counts[event["type"]] += 1
+        self.tcp.add(event, line)
+
+    def build(self, *, meta: dict, losses: dict[str, dict[str, int]], probes: list[dict], files: dict,
+              warnings: list[str]) -> dict:
+        findings = self.tcp.findings()
+        total = {kind: sum(f.get(kind, 0) for f in losses.values()) for kind in ("seen", "written", *LOSS_KINDS)}
+        unaccounted = sum(abs(f["seen"] - f["written"] - sum(f[k] for k in LOSS_KINDS)) for f in losses.values())
+        if total["ringbuf_full"] or total["undecodable"]:
+            findings.insert(0, {
+                "rule": "events_lost", "severity": "warning",
+                "title": f"{total['ringbuf_full'] + total['undecodable']} events lost in transit",
+                "subject": {}, "evidence": {"count": total["ringbuf_full"] + total["undecodable"], "lines": []},
+                "hint": "The ring buffer filled: raise --ring-size, narrow --ports or use --sample.",
+            })
+        severity_order = {"critical": 0, "warning": 1, "info": 2}
+        findings.sort(key=lambda f: severity_order.get(f["severity"], 3))
+        return {
+            "schema": SCHEMA,
+            **meta,
+            "counts": dict(sorted(self.counts.items())),
+            "losses": {"by_family": losses, "total": total, "balanced": unaccounted == 0},
+            "probes": probes,
+            "tcp": self.tcp.summary(),
+            "top_talkers": self.tcp.top_talkers(),
+            "findings": findings,
+            "files": files,
+            "warnings": warnings,
+        }

@@ -1,0 +1,231 @@
+"""TCP view of a window: connections, failures, sockets left in CLOSE_WAIT, hot spots.
+
+Fed with event dicts as they appear in events.jsonl (live during a snapshot, or
+read back from a saved bundle), so the same rules run online and offline.
+"""
+
+from __future__ import annotations
+
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+
+MAX_SOCKETS = 262144  # sockets tracked at once (open ones; closed ones are dropped)
+MAX_SAMPLES = 65536  # handshake times kept for percentiles
+MAX_LINES = 5  # line numbers of example events per finding
+
+SLOW_HANDSHAKE_MS = 900.0  # a SYN was retransmitted (the first SYN RTO is 1 s)
+RETRANSMIT_HOTSPOT = 5
+
+
+def _proc(event: dict) -> tuple[int, str]:
+    return event["pid"], event["comm"]
+
+
+@dataclass
+class _Socket:
+    state: str
+    pid: int
+    comm: str
+    local: str
+    remote: str
+    line: int | None
+
+
+@dataclass
+class _Examples:
+    count: int = 0
+    lines: list[int] = field(default_factory=list)
+    first: str = ""
+    last: str = ""
+
+    def add(self, event: dict, line: int | None) -> None:
+        self.count += 1
+        if line is not None and len(self.lines) < MAX_LINES:
+            self.lines.append(line)
+        self.first = self.first or event["time"]
+        self.last = event["time"]
+
+
+def _endpoint(addr: str, port: int) -> str:
+    return f"[{addr}]:{port}" if ":" in addr else f"{addr}:{port}"
+
+
+def percentile(sorted_values: list[float], q: float) -> float | None:
+    if not sorted_values:
+        return None
+    index = min(len(sorted_values) - 1, max(0, round(q * (len(sorted_values) - 1))))
+    return sorted_values[index]
+
+
+class TcpAnalysis:
+    def __init__(self) -> None:
+        self.sockets: dict[str, _Socket] = {}
+        self.sockets_overflow = 0
+        self.handshakes: list[float] = []
+        self.per_process: dict[tuple[int, str], Counter] = defaultdict(Counter)
+        self.refused: dict[tuple[int, str, str], _Examples] = defaultdict(_Examples)
+        self.timeouts: dict[tuple[int, str, str], _Examples] = defaultdict(_Examples)
+        self.slow: dict[tuple[int, str, str], _Examples] = defaultdict(_Examples)
+        self.resets: dict[tuple[int, str, str, str], _Examples] = defaultdict(_Examples)
+        self.retransmits: dict[tuple[int, str, str], _Examples] = defaultdict(_Examples)
+
+    def add(self, event: dict, line: int | None) -> None:
+        kind = event["type"]
+        if kind == "tcp_state":
+            self._state(event, line)
+        elif kind == "retransmit":
+            key = (event["pid"], event["comm"], _endpoint(event["daddr"], event["dport"]))
+            self.retransmits[key].add(event, line)
+            self.per_process[_proc(event)]["retransmits"] += 1
+        elif kind == "reset":
+            key = (event["pid"] if event["attribution"] != "cpu" else 0,
+                   event["comm"] if event["attribution"] != "cpu" else "",
+                   event["direction"], event["reason"] or "")
+            self.resets[key].add(event, line)
+
+    def _state(self, event: dict, line: int | None) -> None:
+        sk, old, new = event["sk"], event["old_state"], event["new_state"]
+        proc = _proc(event)
+        remote = _endpoint(event["daddr"], event["dport"])
+        if new == "SYN_SENT":
+            self.per_process[proc]["connects"] += 1
+        elif old == "LISTEN" and new == "SYN_RECV":
+            self.per_process[proc]["accepts"] += 1
+        if old == "SYN_SENT":
+            handshake = event.get("handshake_ms")
+            if handshake is not None and len(self.handshakes) < MAX_SAMPLES:
+                self.handshakes.append(handshake)
+            if new == "ESTABLISHED":
+                self.per_process[proc]["established"] += 1
+                if handshake is not None and handshake >= SLOW_HANDSHAKE_MS:
+                    self.slow[(proc[0], proc[1], remote)].add(event, line)
+            elif new == "CLOSE":
+                error = event.get("error")
+                key = (proc[0], proc[1], remote)
+                # counted from the state change, which every connect has (blocking or not),
+                # rather than from connect() errnos, which non-blocking callers never see
+                if error == "ECONNREFUSED":
+                    self.refused[key].add(event, line)
+                    self.per_process[proc]["refused"] += 1
+                elif error == "ETIMEDOUT":
+                    self.timeouts[key].add(event, line)
+                    self.per_process[proc]["timeouts"] += 1
+        if new == "CLOSE":
+            self.sockets.pop(sk, None)
+            return
+        if sk in self.sockets or len(self.sockets) < MAX_SOCKETS:
+            self.sockets[sk] = _Socket(new, proc[0], proc[1], _endpoint(event["saddr"], event["sport"]),
+                                       remote, line)
+        else:
+            self.sockets_overflow += 1
+
+    # --- results ---
+
+    def close_wait(self) -> dict[tuple[int, str], list[_Socket]]:
+        out: dict[tuple[int, str], list[_Socket]] = defaultdict(list)
+        for s in self.sockets.values():
+            if s.state == "CLOSE_WAIT":
+                out[(s.pid, s.comm)].append(s)
+        return out
+
+    def summary(self) -> dict:
+        hs = sorted(self.handshakes)
+        close_wait = self.close_wait()
+        states = Counter(s.state for s in self.sockets.values())
+        return {
+            "connections": {
+                "attempted": sum(c["connects"] for c in self.per_process.values()),
+                "established": sum(c["established"] for c in self.per_process.values()),
+                "accepted": sum(c["accepts"] for c in self.per_process.values()),
+                "refused": sum(e.count for e in self.refused.values()),
+                "timed_out": sum(e.count for e in self.timeouts.values()),
+            },
+            "handshake_ms": {
+                "count": len(hs),
+                "p50": percentile(hs, 0.5),
+                "p99": percentile(hs, 0.99),
+                "max": hs[-1] if hs else None,
+            },
+            "open_sockets_by_state": dict(sorted(states.items())),
+            "close_wait": [
+                {"pid": pid, "comm": comm, "sockets": len(socks)}
+                for (pid, comm), socks in sorted(close_wait.items(), key=lambda kv: -len(kv[1]))
+            ],
+            "resets": [
+                {"pid": k[0] or None, "comm": k[1] or None, "direction": k[2], "reason": k[3] or None,
+                 "count": e.count}
+                for k, e in sorted(self.resets.items(), key=lambda kv: -kv[1].count)
+            ],
+            "retransmits": [
+                {"pid": k[0], "comm": k[1], "remote": k[2], "count": e.count}
+                for k, e in sorted(self.retransmits.items(), key=lambda kv: -kv[1].count)[:20]
+            ],
+            "sockets_not_tracked": self.sockets_overflow,
+        }
+
+    def top_talkers(self, limit: int = 10) -> list[dict]:
+        rows = []
+        for (pid, comm), c in self.per_process.items():
+            total = c["connects"] + c["accepts"]
+            if total:
+                rows.append({"pid": pid, "comm": comm, "connections": total, "outbound": c["connects"],
+                             "inbound": c["accepts"], "refused": c["refused"], "timed_out": c["timeouts"],
+                             "retransmits": c["retransmits"]})
+        rows.sort(key=lambda r: (-r["connections"], r["pid"]))
+        return rows[:limit]
+
+    def findings(self) -> list[dict]:
+        out = []
+        for (pid, comm, remote), e in sorted(self.refused.items(), key=lambda kv: -kv[1].count):
+            out.append(_finding(
+                "connect_refused", "warning", f"{comm} ({pid}): {e.count} connect(s) to {remote} refused",
+                {"pid": pid, "comm": comm, "remote": remote}, e,
+                "Nothing listens on that port (RST): check the Service/endpoint and that the server is up.",
+            ))
+        for (pid, comm, remote), e in sorted(self.timeouts.items(), key=lambda kv: -kv[1].count):
+            out.append(_finding(
+                "syn_timeout", "critical", f"{comm} ({pid}): {e.count} connect(s) to {remote} timed out",
+                {"pid": pid, "comm": comm, "remote": remote}, e,
+                "SYNs got no answer: a firewall/NetworkPolicy drop, a blackholed route or a dead peer.",
+            ))
+        for (pid, comm, remote), e in sorted(self.slow.items(), key=lambda kv: -kv[1].count):
+            out.append(_finding(
+                "slow_handshake", "warning",
+                f"{comm} ({pid}): {e.count} handshake(s) with {remote} took >= {SLOW_HANDSHAKE_MS:.0f} ms",
+                {"pid": pid, "comm": comm, "remote": remote}, e,
+                "A SYN or SYN-ACK was lost and retransmitted after the 1 s RTO: look for packet loss.",
+            ))
+        for (pid, comm), socks in sorted(self.close_wait().items(), key=lambda kv: -len(kv[1])):
+            e = _Examples(count=len(socks), lines=[s.line for s in socks if s.line is not None][:MAX_LINES])
+            out.append(_finding(
+                "close_wait", "warning" if len(socks) < 100 else "critical",
+                f"{comm} ({pid}): {len(socks)} socket(s) left in CLOSE_WAIT",
+                {"pid": pid, "comm": comm, "remotes": sorted({s.remote for s in socks})[:10]}, e,
+                "The peer closed but the application never closed its end: a socket/fd leak in that process.",
+            ))
+        for (pid, comm, direction, reason), e in sorted(self.resets.items(), key=lambda kv: -kv[1].count):
+            who = f"{comm} ({pid})" if pid else "no socket"
+            out.append(_finding(
+                "tcp_reset", "info" if e.count < 10 else "warning",
+                f"{who}: {e.count} reset(s) {direction}" + (f", reason {reason}" if reason else ""),
+                {"pid": pid or None, "comm": comm or None, "direction": direction, "reason": reason or None}, e,
+                "NO_SOCKET: a connect to a closed port; TCP_STATE/ABORT_ON_*: an application aborted a connection.",
+            ))
+        for (pid, comm, remote), e in sorted(self.retransmits.items(), key=lambda kv: -kv[1].count):
+            if e.count < RETRANSMIT_HOTSPOT:
+                continue
+            out.append(_finding(
+                "retransmit_hotspot", "warning", f"{comm} ({pid}): {e.count} retransmits to {remote}",
+                {"pid": pid, "comm": comm, "remote": remote}, e,
+                "Packets to this peer are lost or delayed: congestion, a flaky link, or drops on the path.",
+            ))
+        return out
+
+
+def _finding(rule: str, severity: str, title: str, subject: dict, e: _Examples, hint: str) -> dict:
+    evidence: dict = {"count": e.count, "lines": e.lines}
+    if e.first:
+        evidence["first"] = e.first
+        evidence["last"] = e.last
+    return {"rule": rule, "severity": severity, "title": title, "subject": subject, "evidence": evidence,
+            "hint": hint}

@@ -1,0 +1,183 @@
+"""The bundle: events.jsonl, summary.json, node.json and a tgz of the three.
+
+Every file is written under a temporary name with mode 0600, fsynced, then
+renamed, so a reader never sees half a file. events.jsonl is written as the
+window runs, under exact caps on lines and bytes; a full disk stops it and
+marks the bundle truncated instead of losing what was already saved.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import io
+import os
+import tarfile
+import time
+from pathlib import Path
+
+import orjson
+
+from ktrace.errors import OutputError
+
+MODE = 0o600
+
+
+def _open_private(path: Path) -> int:
+    return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, MODE)
+
+
+def check_out_dir(out_dir: Path) -> None:
+    """Create out_dir if needed and prove it is writable, before any probe is loaded."""
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputError(f"cannot create --out-dir {out_dir}: {exc.strerror}") from None
+    if not out_dir.is_dir():
+        raise OutputError(f"--out-dir {out_dir} is not a directory")
+    probe = out_dir / f".ktrace-write-test.{os.getpid()}"
+    try:
+        os.close(_open_private(probe))
+        probe.unlink()
+    except OSError as exc:
+        raise OutputError(f"--out-dir {out_dir} is not writable: {exc.strerror}") from None
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    fd = _open_private(tmp)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.chmod(tmp, MODE)
+    os.replace(tmp, path)
+
+
+class Bundle:
+    """One bundle being written. Use write_event() during the window, then finish()."""
+
+    def __init__(self, out_dir: Path, node: str, started: float, max_events: int | None,
+                 max_bytes: int | None) -> None:
+        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(started))
+        self.prefix = f"ktrace.{_safe(node)}.{stamp}"
+        self.out_dir = out_dir
+        self.paths = {kind: out_dir / f"{self.prefix}.{kind}" for kind in
+                      ("events.jsonl", "summary.json", "node.json", "bundle.tgz")}
+        self.max_events = max_events
+        self.max_bytes = max_bytes
+        self.lines = 0
+        self.bytes = 0
+        self.capped = False  # a cap was reached: nothing more is written
+        self.truncated = ""  # why writing stopped early (disk full), if it did
+        self._events_tmp = self.paths["events.jsonl"].with_name(self.prefix + ".events.jsonl.tmp")
+        try:
+            self._fd = _open_private(self._events_tmp)
+        except OSError as exc:
+            raise OutputError(f"cannot write to {out_dir}: {exc.strerror}") from None
+        self._buffer: list[bytes] = []
+        self._buffered = 0
+        self._sha = hashlib.sha256()
+
+    def write_event(self, event: dict) -> int | None:
+        """Append one event; returns its 1-based line number, or None when a cap or a full disk stopped it."""
+        if self.capped or self.truncated:
+            return None
+        line = orjson.dumps(event) + b"\n"
+        if self.max_events is not None and self.lines >= self.max_events:
+            self.capped = True
+            return None
+        if self.max_bytes is not None and self.bytes + len(line) > self.max_bytes:
+            # caps are exact and keep the file a prefix of the window: stop at the first line that does not fit
+            self.capped = True
+            return None
+        self.lines += 1
+        self.bytes += len(line)
+        self._buffer.append(line)
+        self._buffered += len(line)
+        if self._buffered >= 1 << 20:
+            self.flush()
+        return self.lines
+
+    def flush(self) -> None:
+        if not self._buffer:
+            return
+        data = b"".join(self._buffer)
+        self._buffer, self._buffered = [], 0
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(self._fd, view):]
+            self._sha.update(data)
+        except OSError as exc:
+            if exc.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+                raise OutputError(f"writing {self._events_tmp.name} failed: {exc.strerror}") from None
+            # keep what reached the disk; the summary says the file is truncated
+            written = os.lseek(self._fd, 0, os.SEEK_CUR)
+            os.ftruncate(self._fd, self._last_good_offset(written))
+            self.truncated = f"disk full after {self.lines} lines"
+
+    def _last_good_offset(self, written: int) -> int:
+        # cut back to the last complete line so every line stays valid JSON
+        if written == 0:
+            return 0
+        with open(self._events_tmp, "rb") as f:
+            data = f.read(written)
+        cut = data.rfind(b"\n") + 1
+        self._sha = hashlib.sha256(data[:cut])
+        self.lines = data[:cut].count(b"\n")
+        self.bytes = cut
+        return cut
+
+    def close_events(self) -> dict:
+        """Flush, fsync and publish events.jsonl; returns its file entry for the summary."""
+        self.flush()
+        try:
+            os.fsync(self._fd)
+        except OSError:
+            pass
+        os.close(self._fd)
+        os.replace(self._events_tmp, self.paths["events.jsonl"])
+        return {"name": self.paths["events.jsonl"].name, "sha256": self._sha.hexdigest(), "bytes": self.bytes,
+                "lines": self.lines, "truncated": bool(self.truncated)}
+
+    def write_json(self, kind: str, document: dict) -> dict:
+        data = orjson.dumps(document, option=orjson.OPT_INDENT_2) + b"\n"
+        try:
+            _write_atomic(self.paths[kind], data)
+        except OSError as exc:
+            raise OutputError(f"writing {self.paths[kind].name} failed: {exc.strerror}") from None
+        return {"name": self.paths[kind].name, "sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
+
+    def write_tgz(self) -> Path:
+        """The three files in one tgz, for the incident ticket."""
+        buf = io.BytesIO()
+        with tarfile.open(fileobj=buf, mode="w:gz") as tar:
+            for kind in ("events.jsonl", "summary.json", "node.json"):
+                path = self.paths[kind]
+                info = tar.gettarinfo(str(path), arcname=path.name)
+                info.mode = MODE
+                info.uid = info.gid = 0
+                info.uname = info.gname = ""
+                with open(path, "rb") as f:
+                    tar.addfile(info, f)
+        try:
+            _write_atomic(self.paths["bundle.tgz"], buf.getvalue())
+        except OSError as exc:
+            raise OutputError(f"writing {self.paths['bundle.tgz'].name} failed: {exc.strerror}") from None
+        return self.paths["bundle.tgz"]
+
+    def abandon(self) -> None:
+        """Remove the temporary events file after a failure before the window ran."""
+        try:
+            os.close(self._fd)
+        except OSError:
+            pass
+        self._events_tmp.unlink(missing_ok=True)
+
+
+def _safe(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name) or "node"

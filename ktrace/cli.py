@@ -1,0 +1,237 @@
+"""The `ktrace` command line. `ktrace` alone runs a snapshot (the same as `ktrace snapshot`)."""
+
+from __future__ import annotations
+
+import logging
+import re
+import sys
+import traceback
+from pathlib import Path
+
+import click
+import orjson
+
+from ktrace import __version__, probes
+from ktrace.errors import ExitStatus, KtraceError
+
+EXIT_CODES_HELP = "\b\nExit status:\n" + "\n".join(
+    f"  {s.value}  {s.name.lower().replace('_', ' ')}" for s in ExitStatus
+)
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
+_SIZE = re.compile(r"^\s*(\d+)\s*([kmg]i?b?|b)?\s*$", re.IGNORECASE)
+
+
+class Duration(click.ParamType):
+    name = "duration"
+
+    def convert(self, value: object, param: click.Parameter | None, ctx: click.Context | None) -> float:
+        if isinstance(value, (int, float)):
+            return float(value)
+        m = _DURATION.match(str(value))
+        if not m:
+            self.fail(f"{value!r} is not a duration (examples: 60, 60s, 2m, 1h)", param, ctx)
+        seconds = float(m.group(1)) * {"ms": 0.001, "s": 1, "m": 60, "h": 3600, None: 1}[m.group(2)]
+        if seconds <= 0:
+            self.fail("must be longer than 0", param, ctx)
+        return seconds
+
+
+class Size(click.ParamType):
+    name = "size"
+
+    def convert(self, value: object, param: click.Parameter | None, ctx: click.Context | None) -> int:
+        if isinstance(value, int):
+            return value
+        m = _SIZE.match(str(value))
+        if not m:
+            self.fail(f"{value!r} is not a size (examples: 5000000, 500k, 20M, 1G)", param, ctx)
+        unit = (m.group(2) or "b")[0].lower()
+        return int(m.group(1)) * {"b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}[unit]
+
+
+class PortList(click.ParamType):
+    name = "ports"
+
+    def convert(self, value: object, param: click.Parameter | None, ctx: click.Context | None) -> tuple[int, ...]:
+        if isinstance(value, tuple):
+            return value
+        ports = []
+        for part in str(value).split(","):
+            part = part.strip()
+            if not part.isdigit() or not 1 <= int(part) <= 65535:
+                self.fail(f"{part!r} is not a port (1-65535)", param, ctx)
+            ports.append(int(part))
+        if len(ports) > 64:
+            self.fail("at most 64 ports", param, ctx)
+        return tuple(sorted(set(ports)))
+
+
+class FamilyList(click.ParamType):
+    name = "families"
+
+    def convert(self, value: object, param: click.Parameter | None, ctx: click.Context | None) -> tuple[str, ...]:
+        if isinstance(value, tuple):
+            return value
+        names = tuple(n.strip() for n in str(value).split(",") if n.strip())
+        unknown = [n for n in names if n not in probes.FAMILY_BY_NAME]
+        if unknown or not names:
+            known = ", ".join(probes.FAMILY_BY_NAME)
+            self.fail(f"unknown probe family {', '.join(unknown) or '(none)'}; known: {known}", param, ctx)
+        return names
+
+
+class DefaultToSnapshot(click.Group):
+    """`ktrace [OPTIONS]` is `ktrace snapshot [OPTIONS]`."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        if not args or (args[0] not in self.commands and args[0] not in ("--help", "-h", "--version")):
+            args = ["snapshot", *args]
+        return super().parse_args(ctx, args)
+
+
+def _setup_logging(verbose: int, quiet: bool) -> None:
+    level = logging.DEBUG if verbose > 1 else logging.INFO if verbose else logging.WARNING
+    if quiet:
+        level = logging.ERROR
+    logging.basicConfig(level=level, format="ktrace: %(levelname)s: %(name)s: %(message)s", stream=sys.stderr)
+    # libbpf's own log (and the verifier's) only with -vv
+    logging.getLogger("ktrace.libbpf").setLevel(logging.DEBUG if verbose > 1 else logging.WARNING)
+
+
+@click.group(cls=DefaultToSnapshot, context_settings={"help_option_names": ["-h", "--help"]},
+             epilog=EXIT_CODES_HELP)
+@click.version_option(__version__, prog_name="ktrace")
+def cli() -> None:
+    """ktrace: a forensic snapshot of what a node's kernel is doing.
+
+    \b
+    Examples:
+      sudo ktrace --duration=60s --out-dir=/var/tmp/ktrace
+      sudo ktrace --duration=90s --ports=80,443,6443
+      sudo ktrace doctor
+    """
+
+
+@cli.command(epilog=EXIT_CODES_HELP)
+@click.option("--duration", "-d", type=Duration(), default="60s", show_default=True,
+              help="Length of the window: 60, 60s, 2m, 1h.")
+@click.option("--out-dir", "-o", type=click.Path(path_type=Path), default=Path("."), show_default=True,
+              help="Where the bundle is written (created if missing).")
+@click.option("--node", default=None, help="Node name in file names. [default: $NODE_NAME, then the hostname]")
+@click.option("--ports", type=PortList(), default=None,
+              help="Only flows with one of these ports (comma-separated), filtered in the kernel.")
+@click.option("--sample", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Keep 1 flow in N, decided in the kernel per socket; a kept flow keeps all its events.")
+@click.option("--max-events", type=click.IntRange(min=0), default=None,
+              help="Write at most this many events; the rest are counted as capped.")
+@click.option("--max-bytes", type=Size(), default=None,
+              help="Write at most this many bytes of events (500k, 20M); the rest are counted as capped.")
+@click.option("--probes", "families", type=FamilyList(), default=None,
+              help=f"Probe families to load. [default: all: {','.join(probes.FAMILY_BY_NAME)}]")
+@click.option("--with-connect-latency/--without-connect-latency", default=True, show_default=True,
+              help="Record connect() calls with errno and syscall time (the handshake time is always recorded).")
+@click.option("--ring-size", type=Size(), default="8M", show_default=True,
+              help="Ring buffer size (a power of two).")
+@click.option("--ready-file", type=click.Path(path_type=Path), default=None,
+              help="Create this file once the probes are attached (for scripts that start traffic after).")
+@click.option("--verbose", "-v", count=True, help="More detail; -vv adds libbpf's and the verifier's log.")
+@click.option("--quiet", "-q", is_flag=True, help="Only errors.")
+def snapshot(duration: float, out_dir: Path, node: str | None, ports: tuple[int, ...] | None, sample: int,
+             max_events: int | None, max_bytes: int | None, families: tuple[str, ...] | None,
+             with_connect_latency: bool, ring_size: int, ready_file: Path | None, verbose: int, quiet: bool) -> int:
+    """Record TCP activity for a fixed window and write a bundle.
+
+    \b
+    Writes four files to --out-dir:
+      ktrace.<node>.<ts>.events.jsonl   one event per line
+      ktrace.<node>.<ts>.summary.json   counts, losses, probes, findings
+      ktrace.<node>.<ts>.node.json      kernel, BTF, cgroups, libbpf, arguments
+      ktrace.<node>.<ts>.bundle.tgz     the three above
+
+    \b
+    Examples:
+      sudo ktrace --duration=10s --out-dir=./out
+      sudo ktrace --duration=2m --ports=443,6443 --sample 10
+      sudo ktrace --duration=60s --max-events=100000
+    """
+    from ktrace.snapshot import SnapshotOptions, run
+
+    _setup_logging(verbose, quiet)
+    ring = ring_size
+    if ring < 4096 or ring & (ring - 1):
+        raise click.BadParameter("must be a power of two of at least 4096 bytes", param_hint="--ring-size")
+    selected = families or tuple(f.name for f in probes.FAMILIES if f.default)
+    if not with_connect_latency:
+        selected = tuple(f for f in selected if f != "connect")
+    opts = SnapshotOptions(duration_s=duration, out_dir=out_dir, node=node or "", ports=ports or (),
+                           sample=sample, max_events=max_events, max_bytes=max_bytes, families=selected,
+                           ring_bytes=ring, quiet=quiet, ready_file=ready_file)
+    result = run(opts)
+    if not quiet:
+        s = result.summary
+        lost = s["losses"]["total"]
+        click.echo(f"ktrace: {s['window']['actual_s']:.1f}s, {lost['written']:,} events written "
+                   f"({lost['capped']:,} capped, {lost['ringbuf_full']:,} lost), {len(s['findings'])} findings",
+                   err=True)
+        for finding in s["findings"][:10]:
+            click.echo(f"  [{finding['severity']}] {finding['title']}", err=True)
+        for reason in s["degraded"]:
+            click.echo(f"ktrace: degraded: {reason}", err=True)
+        click.echo(str(result.paths["bundle.tgz"]))
+    return int(result.status)
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.option("--verbose", "-v", count=True)
+def doctor(as_json: bool, verbose: int) -> int:
+    """Show, per probe family, which hook this kernel lets ktrace use and why.
+
+    \b
+    Example:
+      sudo ktrace doctor --json | jq '.families[] | {family, chosen}'
+    """
+    from ktrace import doctor as doctor_mod
+
+    _setup_logging(verbose, False)
+    report = doctor_mod.examine()
+    if as_json:
+        click.echo(orjson.dumps(report, option=orjson.OPT_INDENT_2).decode())
+    else:
+        click.echo(doctor_mod.render(report))
+    missing_required = any(f["status"] != "ok" and probes.FAMILY_BY_NAME[f["family"]].required
+                           for f in report["families"])
+    if missing_required:
+        return int(ExitStatus.ERROR)
+    return int(ExitStatus.DEGRADED if any(f["status"] != "ok" for f in report["families"]) else ExitStatus.SUCCESS)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point: every failure is one line on stderr and a documented exit status."""
+    args = sys.argv[1:] if argv is None else argv
+    verbose = any(a in ("-v", "-vv", "--verbose") for a in args)
+    try:
+        rv = cli.main(args=args, prog_name="ktrace", standalone_mode=False)
+    except click.exceptions.NoArgsIsHelpError as exc:
+        click.echo(exc.ctx.get_help() if exc.ctx else str(exc))
+        return int(ExitStatus.USAGE)
+    except click.UsageError as exc:
+        click.echo(f"ktrace: error: {exc.format_message()} (see ktrace --help)", err=True)
+        return int(ExitStatus.USAGE)
+    except click.Abort:
+        click.echo("ktrace: aborted", err=True)
+        return 130
+    except KtraceError as exc:
+        click.echo(f"ktrace: error: {exc.message}", err=True)
+        if verbose and exc.detail:
+            click.echo(exc.detail, err=True)
+        return int(exc.status)
+    except BrokenPipeError:
+        return int(ExitStatus.ERROR)
+    except Exception as exc:  # noqa: BLE001 - the last line of defence: one line, no traceback
+        click.echo(f"ktrace: internal error: {type(exc).__name__}: {exc} (rerun with -v for details)", err=True)
+        if verbose:
+            traceback.print_exc()
+        return int(ExitStatus.ERROR)
+    return int(rv or 0) if isinstance(rv, int) else 0

@@ -1,0 +1,61 @@
+"""`ktrace doctor`: what this kernel lets ktrace do, family by family."""
+
+from __future__ import annotations
+
+import platform
+
+from ktrace import capture, libbpf, node, probes
+from ktrace.errors import KtraceError
+from ktrace.snapshot import check_btf, check_privileges
+
+
+def examine() -> dict:
+    """Resolve every family's chain for real, then try each alternative that was not needed."""
+    check_privileges()
+    check_btf()
+    libbpf.library()
+    families = tuple(f.name for f in probes.FAMILIES)
+    try:
+        cap = capture.load(capture.CaptureConfig(families=families, ring_bytes=64 << 10))
+        table = cap.table
+        cap.close()
+        error = None
+    except KtraceError as exc:
+        table, error = [], str(exc)
+    rows = {row.family: row for row in table}
+    for family in probes.FAMILIES:
+        row = rows.get(family.name)
+        if row is None:
+            row = rows[family.name] = probes.FamilyStatus(
+                family.name, alternatives=[probes.HookStatus(h.label, "not tried", min_kernel=h.min_kernel)
+                                           for h in family.chain])
+        for hook, alt in zip(family.chain, row.alternatives):
+            if alt.status == "not tried":
+                alt.status, alt.reason = capture.trial(family, hook)
+    return {
+        "kernel": platform.release(),
+        "libbpf": libbpf.version(),
+        "btf": str(node.BTF_PATH),
+        "lockdown": node.lockdown(),
+        "tracefs": str(probes.tracefs()) if probes.tracefs() else None,
+        "error": error,
+        "families": [rows[f.name].as_dict() for f in probes.FAMILIES],
+    }
+
+
+def render(report: dict) -> str:
+    lines = [
+        f"kernel {report['kernel']} · libbpf {report['libbpf']} · lockdown {report['lockdown'] or 'none'} · "
+        f"tracefs {report['tracefs'] or 'missing'}",
+        "",
+        f"{'family':<12} {'status':<8} {'hook':<46} {'result':<12} reason",
+    ]
+    for fam in report["families"]:
+        for i, alt in enumerate(fam["alternatives"]):
+            name = fam["family"] if i == 0 else ""
+            status = fam["status"] if i == 0 else ""
+            mark = "→ " if alt["status"] == "chosen" else "  "
+            lines.append(f"{name:<12} {status:<8} {mark}{alt['hook']:<44} {alt['status']:<12} {alt['reason']}")
+    if report["error"]:
+        lines += ["", f"error: {report['error']}"]
+    return "\n".join(lines)

@@ -1,0 +1,267 @@
+"""One snapshot: preflight → load probes → record the window → write the bundle.
+
+SIGINT and SIGTERM end the window early; the bundle is still written whole.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import signal
+import sys
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TextIO
+
+import orjson
+
+from ktrace import __version__, capture, libbpf, node, probes
+from ktrace.analyze.summary import LOSS_KINDS, Summary
+from ktrace.bundle import Bundle, check_out_dir
+from ktrace.errors import ExitStatus, NoBTF, NotPrivileged
+from ktrace.events import generated
+from ktrace.events.decode import SCHEMA_VERSION, Decoder, kernel_reset_reasons
+
+# Linux capability numbers (include/uapi/linux/capability.h)
+CAP_SYS_ADMIN, CAP_PERFMON, CAP_BPF = 21, 38, 39
+POLL_MS = 50  # the reader's timer; the kernel also wakes it when 256 KiB are waiting
+STATUS_EVERY_S = 0.5
+
+
+@dataclass
+class SnapshotOptions:
+    duration_s: float = 60.0
+    out_dir: Path = Path(".")
+    node: str = ""
+    ports: tuple[int, ...] = ()
+    sample: int = 1
+    max_events: int | None = None
+    max_bytes: int | None = None
+    families: tuple[str, ...] = tuple(f.name for f in probes.FAMILIES if f.default)
+    ring_bytes: int = 8 << 20
+    quiet: bool = False
+    ready_file: Path | None = None
+    status: TextIO = field(default_factory=lambda: sys.stderr)
+
+    def args(self) -> dict:
+        """The options as recorded in node.json and summary.json."""
+        return {
+            "duration_s": self.duration_s, "out_dir": str(self.out_dir), "node": self.node,
+            "ports": list(self.ports), "sample": self.sample, "max_events": self.max_events,
+            "max_bytes": self.max_bytes, "probes": list(self.families), "ring_bytes": self.ring_bytes,
+        }
+
+
+@dataclass
+class SnapshotResult:
+    status: ExitStatus
+    paths: dict[str, Path]
+    summary: dict
+
+
+def effective_caps() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("CapEff:"):
+            return int(line.split()[1], 16)
+    return 0
+
+
+def check_privileges() -> None:
+    if os.geteuid() == 0:
+        return
+    caps = effective_caps()
+    has = lambda cap: bool(caps >> cap & 1)  # noqa: E731
+    if has(CAP_SYS_ADMIN) or (has(CAP_BPF) and has(CAP_PERFMON)):
+        return
+    raise NotPrivileged("ktrace needs root or CAP_BPF and CAP_PERFMON to load BPF programs; run it with sudo")
+
+
+def check_btf() -> None:
+    if not node.BTF_PATH.exists():
+        raise NoBTF(
+            f"the kernel exposes no BTF ({node.BTF_PATH} is missing); ktrace's CO-RE probes need a kernel "
+            "built with CONFIG_DEBUG_INFO_BTF=y (most distributions since 2020)"
+        )
+
+
+class _Stop:
+    """Turns SIGINT/SIGTERM into a flag the capture loop checks."""
+
+    def __init__(self) -> None:
+        self.signal: str | None = None
+        self._previous: dict[int, object] = {}
+
+    def __enter__(self) -> _Stop:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum: int, _frame: object) -> None:
+        self.signal = signal.Signals(signum).name
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)  # type: ignore[arg-type]
+
+
+class _Recorder:
+    """Decode → summarize → write, for every record of the window."""
+
+    def __init__(self, decoder: Decoder, bundle: Bundle, summary: Summary) -> None:
+        self.decoder = decoder
+        self.bundle = bundle
+        self.summary = summary
+        self.written: Counter[str] = Counter()
+        self.capped: Counter[str] = Counter()
+        self.undecodable = 0
+
+    def records(self, batch: list[bytes]) -> None:
+        decode, write, add = self.decoder.decode, self.bundle.write_event, self.summary.add
+        for record in batch:
+            event = decode(record)
+            if event is None:
+                self.undecodable += 1
+                continue
+            line = write(event)
+            if line is None:
+                self.capped[event["type"]] += 1
+            else:
+                self.written[event["type"]] += 1
+            add(event, line)
+
+    @property
+    def events(self) -> int:
+        return sum(self.written.values()) + sum(self.capped.values())
+
+
+def _status_line(stream: TextIO, left: float, recorder: _Recorder, lost: int) -> None:
+    stream.write(f"\rktrace: {max(left, 0):4.0f}s left · {recorder.events:,} events · {lost:,} lost   ")
+    stream.flush()
+
+
+def run(opts: SnapshotOptions) -> SnapshotResult:
+    check_privileges()
+    check_btf()
+    libbpf.library()
+    check_out_dir(opts.out_dir)
+    node_name = node.node_name(opts.node)
+
+    config = capture.CaptureConfig(families=opts.families, ports=opts.ports, sample_every=opts.sample,
+                                   ring_bytes=opts.ring_bytes)
+    cap = capture.load(config)
+    warnings = [f"{row.family}: no working probe ({row.reason})" for row in cap.table if row.status != "ok"]
+    for warning in warnings:
+        opts.status.write(f"ktrace: warning: {warning}\n")
+
+    offset_start = capture.boot_to_wall_offset_ns()
+    started = time.time()
+    bundle = Bundle(opts.out_dir, node_name, started, opts.max_events, opts.max_bytes)
+    decoder = Decoder(offset_start, kernel_reset_reasons(probes.vmlinux_btf()))
+    summary = Summary()
+    recorder = _Recorder(decoder, bundle, summary)
+    live = opts.status.isatty() and not opts.quiet
+    if opts.ready_file:
+        opts.ready_file.write_text(f"{os.getpid()}\n")
+    ended_by = "duration"
+    try:
+        with _Stop() as stop:
+            deadline = time.monotonic() + opts.duration_s
+            next_status = 0.0
+            while True:
+                now = time.monotonic()
+                if stop.signal:
+                    ended_by = stop.signal
+                    break
+                if now >= deadline:
+                    break
+                recorder.records(cap.poll(int(min(POLL_MS, (deadline - now) * 1000)) or 1))
+                if live and now >= next_status:
+                    kernel_lost = sum(c["ringbuf_full"] for c in cap.counters().values())
+                    _status_line(opts.status, deadline - now, recorder, kernel_lost + recorder.undecodable)
+                    next_status = now + STATUS_EVERY_S
+            ended = time.time()
+            # stop the probes, let programs still running on other CPUs finish, then take the rest
+            cap.detach()
+            time.sleep(0.02)
+            recorder.records(cap.drain())
+            counters = cap.counters()
+            recorder.records(cap.drain())
+        if live:
+            opts.status.write("\n")
+        probe_table = [row.as_dict() for row in cap.table]
+        maps = cap.map_report
+    finally:
+        cap.close()
+
+    events_file = bundle.close_events()
+    written, disk_full = recorder.written, Counter()
+    if bundle.truncated:
+        written = _count_types(bundle.paths["events.jsonl"])
+        disk_full = recorder.written - written
+    losses = {}
+    for family in generated.FAMILY.values():
+        k = counters.get(family, {})
+        losses[family] = {
+            "seen": k.get("seen", 0),
+            "written": written[family],
+            "filtered": k.get("filtered", 0),
+            "sampled_out": k.get("sampled_out", 0),
+            "ringbuf_full": k.get("ringbuf_full", 0),
+            "capped": recorder.capped[family],
+            "disk_full": disk_full[family],
+            "undecodable": 0,
+        }
+    if recorder.undecodable:
+        losses.setdefault("unknown", dict.fromkeys(("seen", "written", *LOSS_KINDS), 0))
+        losses["unknown"]["undecodable"] = recorder.undecodable
+        losses["unknown"]["seen"] = recorder.undecodable
+
+    missing = [row["family"] for row in probe_table if row["status"] != "ok"]
+    degraded = []
+    if missing:
+        degraded.append(f"probe families missing: {', '.join(missing)}")
+    lost = sum(f["ringbuf_full"] + f["undecodable"] for f in losses.values())
+    if lost:
+        degraded.append(f"{lost} events lost in transit")
+    if bundle.truncated:
+        degraded.append(f"events.jsonl truncated: {bundle.truncated}")
+        warnings.append(f"events.jsonl truncated: {bundle.truncated}")
+    clock = {"boot_to_wall_offset_ns": offset_start, "boot_to_wall_offset_ns_at_end": capture.boot_to_wall_offset_ns(),
+             "clock": "CLOCK_BOOTTIME"}
+    meta = {
+        "ktrace_version": __version__,
+        "events_schema": SCHEMA_VERSION,
+        "node": node_name,
+        "window": {
+            "start": _rfc3339(started), "end": _rfc3339(ended), "requested_s": opts.duration_s,
+            "actual_s": round(ended - started, 3), "ended_by": ended_by,
+        },
+        "options": opts.args(),
+        "degraded": degraded,
+    }
+    node_doc = node.collect(node_name, opts.args(), clock, probe_table, maps)
+    node_file = bundle.write_json("node.json", node_doc)
+    doc = summary.build(meta=meta, losses=losses, probes=probe_table,
+                        files={"events": events_file, "node": node_file}, warnings=warnings)
+    bundle.write_json("summary.json", doc)
+    bundle.write_tgz()
+    status = ExitStatus.DEGRADED if degraded else ExitStatus.SUCCESS
+    return SnapshotResult(status, dict(bundle.paths), doc)
+
+
+def _rfc3339(t: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t)) + f".{int(t * 1000) % 1000:03d}Z"
+
+
+def _count_types(path: Path) -> Counter:
+    counts: Counter[str] = Counter()
+    try:
+        with open(path, "rb") as f:
+            for line in f:
+                counts[orjson.loads(line)["type"]] += 1
+    except (OSError, orjson.JSONDecodeError) as exc:
+        if getattr(exc, "errno", None) not in (None, errno.ENOENT):
+            raise
+    return counts

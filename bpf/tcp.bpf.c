@@ -575,3 +575,56 @@ int kt_rst_recv_tp(struct trace_event_raw_tcp_event_sk *ctx)
 	kt_sk_tuple(sk, &t);
 	return kt_emit_reset(sk, &t, 0, BPF_CORE_READ(sk, __sk_common.skc_state), KT_RESET_RECEIVED);
 }
+
+/*
+ * socket_owners: one pass over every task's open files when the window starts,
+ * so sockets opened before it (long-lived connections, servers already
+ * listening) are attributed to their owner rather than to whoever is on the
+ * CPU. Runs after the other programs are attached; never overwrites an entry
+ * they made.
+ */
+SEC("iter/task_file")
+int kt_iter_socks(struct bpf_iter__task_file *ctx)
+{
+	struct task_struct *task = ctx->task;
+	struct file *file = ctx->file;
+	struct socket *sock;
+	struct sock *sk;
+	__u16 family, mode;
+	__u8 state;
+
+	if (!task || !file)
+		return 0;
+	mode = BPF_CORE_READ(file, f_inode, i_mode);
+	if ((mode & 0170000) != 0140000)	/* S_IFSOCK */
+		return 0;
+	if (kt_self_tgid && BPF_CORE_READ(task, tgid) == kt_self_tgid)
+		return 0;
+	sock = BPF_CORE_READ(file, private_data);
+	sk = BPF_CORE_READ(sock, sk);
+	if (!sk || kt_sk_protocol(sk) != IPPROTO_TCP)
+		return 0;
+	family = BPF_CORE_READ(sk, __sk_common.skc_family);
+	if (family != AF_INET && family != AF_INET6)
+		return 0;
+	state = BPF_CORE_READ(sk, __sk_common.skc_state);
+	if (state == KT_TCP_LISTEN) {
+		struct kt_listen_key key = {
+			.netns = kt_sk_netns(sk),
+			.port = BPF_CORE_READ(sk, __sk_common.skc_num),
+		};
+		struct kt_task owner = {};
+
+		kt_fill_task(&owner, task);
+		bpf_map_update_elem(&listeners, &key, &owner, BPF_NOEXIST);
+	} else {
+		__u64 key = (__u64)sk;
+		struct kt_sock owner = {};
+
+		kt_fill_task(&owner.task, task);
+		owner.attribution = KT_ATTR_SOCKET_OWNER;
+		owner.sampled = kt_sample_flow();
+		bpf_map_update_elem(&sk_owner, &key, &owner, BPF_NOEXIST);
+	}
+	return 0;
+}

@@ -223,10 +223,22 @@ def _load_and_attach(by_object: dict[str, set[str]], config: CaptureConfig,
             if not shared:
                 shared = {name: obj.map(name).fd for name in SHARED_MAPS}
                 _fill_ports(obj, config.ports)
+        iterators = []
         for obj_name, programs in by_object.items():
             for prog in objects[obj_name].programs():
-                if prog.name in programs:
+                if prog.name not in programs:
+                    continue
+                if prog.section.startswith("iter/"):
+                    iterators.append(prog)
+                else:
                     links.append(prog.attach())
+        # iterators see the state before the window; the probes attached above keep it current from here on
+        for prog in iterators:
+            link = prog.attach_iter()
+            try:
+                link.run_iter()
+            finally:
+                link.destroy()
         return Capture(objects, links, list(table.values()), config)
     except BaseException:
         for link in links:

@@ -115,6 +115,9 @@ def _declare(lib: ctypes.CDLL) -> None:
     _sig(lib, "bpf_program__attach", vp, vp)
     _sig(lib, "bpf_program__attach_cgroup", vp, vp, i)
     _sig(lib, "bpf_link__destroy", i, vp)
+    _sig(lib, "bpf_link__fd", i, vp)
+    _sig(lib, "bpf_program__attach_iter", vp, vp, vp)
+    _sig(lib, "bpf_iter_create", i, i)
     _sig(lib, "bpf_map__fd", i, vp)
     _sig(lib, "bpf_map__set_max_entries", i, vp, u32)
     _sig(lib, "bpf_map__max_entries", u32, vp)
@@ -222,6 +225,18 @@ class Link:
         self._ptr = ptr
         self.program = program
 
+    def run_iter(self) -> None:
+        """Run an iterator program to completion (its output, if any, is discarded)."""
+        lib = library()
+        fd = lib.bpf_iter_create(lib.bpf_link__fd(self._ptr))
+        if fd < 0:
+            raise BpfError(f"{self.program}: bpf_iter_create failed ({strerror(fd)})", -fd, program=self.program)
+        try:
+            while os.read(fd, 65536):
+                pass
+        finally:
+            os.close(fd)
+
     def destroy(self) -> None:
         if self._ptr:
             library().bpf_link__destroy(self._ptr)
@@ -251,6 +266,13 @@ class Program:
     def attach(self) -> Link:
         """Attach by section name (tracepoint, tp_btf, raw_tp, kprobe, fentry, uprobe)."""
         ptr = library().bpf_program__attach(self._ptr)
+        if not ptr:
+            err = _errno()
+            raise BpfError(f"{self.name}: attach {self.section} failed ({strerror(err)})", err, program=self.name)
+        return Link(ptr, self.name)
+
+    def attach_iter(self) -> Link:
+        ptr = library().bpf_program__attach_iter(self._ptr, None)
         if not ptr:
             err = _errno()
             raise BpfError(f"{self.name}: attach {self.section} failed ({strerror(err)})", err, program=self.name)

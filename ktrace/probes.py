@@ -153,6 +153,19 @@ def kprobe(function: str) -> Callable[[], CheckResult]:
     return check
 
 
+def iterator(target: str) -> Callable[[], CheckResult]:
+    @functools.cache
+    def check() -> CheckResult:
+        btf = vmlinux_btf()
+        if btf is None:
+            return CheckResult(Verdict.UNSUPPORTED, "the kernel exposes no BTF")
+        if not btf.has(f"bpf_iter__{target}", libbpf.BTF_KIND_STRUCT):
+            return CheckResult(Verdict.UNSUPPORTED, f"no BPF iterator {target} in this kernel")
+        return SUPPORTED
+
+    return check
+
+
 def all_of(*checks: Callable[[], CheckResult]) -> Callable[[], CheckResult]:
     def check() -> CheckResult:
         results = [c() for c in checks]
@@ -181,6 +194,14 @@ FAMILIES: tuple[Family, ...] = (
                  tracepoint("sock", "inet_sock_set_state"), "4.16"),
             Hook("fentry/tcp_set_state", ("kt_tcp_st_fe",), fentry("tcp_set_state"), "5.5"),
             Hook("kprobe/tcp_set_state", ("kt_tcp_st_kp",), kprobe("tcp_set_state"), "4.1"),
+        ),
+    ),
+    Family(
+        "socket_owners",
+        "tcp.bpf.o",
+        description="owners of TCP sockets opened before the window (listeners, long-lived connections)",
+        chain=(
+            Hook("iter/task_file", ("kt_iter_socks",), iterator("task_file"), "5.8"),
         ),
     ),
     Family(

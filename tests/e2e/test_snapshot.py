@@ -1,0 +1,244 @@
+"""The snapshot as a user runs it: real probes, real loopback traffic, the bundle on disk."""
+
+from __future__ import annotations
+
+import signal
+import stat
+import tarfile
+from collections import defaultdict
+
+import pytest
+
+from tests.helpers import Ktrace, Server, closed_port, start_client
+
+N_OK, N_REFUSED, N_HOLD = 100, 10, 5
+
+
+@pytest.fixture(scope="module")
+def scenario(tmp_path_factory: pytest.TempPathFactory):
+    """100 good connections, 10 refused connects, 5 sockets the server leaves in CLOSE_WAIT."""
+    tmp = tmp_path_factory.mktemp("scenario")
+    server = Server(tmp)
+    ktrace = Ktrace(tmp, duration="5s").started()
+    try:
+        client = start_client(server.port, N_OK, N_REFUSED, N_HOLD, closed_port())
+        assert client.wait(timeout=60) == 0
+        rc = ktrace.finish()
+        assert rc == 0, ktrace.stderr
+        yield {"bundle": ktrace.bundle(), "server": server, "client_pid": client.pid, "ktrace": ktrace}
+    finally:
+        ktrace.kill()
+        server.stop()
+
+
+def _client_sockets(bundle, port: int, client_pid: int) -> dict[tuple[str, int], list[dict]]:
+    """Client-side state changes per socket life (a socket address is reused after CLOSE)."""
+    socks: dict[tuple[str, int], list[dict]] = {}
+    life: dict[str, int] = defaultdict(int)
+    for e in bundle.of_type("tcp_state"):
+        if e["pid"] == client_pid and e["dport"] == port:
+            if e["new_state"] == "SYN_SENT":
+                life[e["sk"]] += 1
+            socks.setdefault((e["sk"], life[e["sk"]]), []).append(e)
+    return socks
+
+
+def test_every_client_connection_is_recorded_with_the_clients_pid_and_comm(scenario):
+    bundle, port, pid = scenario["bundle"], scenario["server"].port, scenario["client_pid"]
+    syn_sent = [e for e in bundle.of_type("tcp_state")
+                if e["new_state"] == "SYN_SENT" and e["dport"] == port and e["pid"] == pid]
+    assert len(syn_sent) == N_OK + N_HOLD
+    assert {e["comm"] for e in syn_sent} == {"kt-client"}
+    established = [e for e in bundle.of_type("tcp_state")
+                   if e["old_state"] == "SYN_SENT" and e["new_state"] == "ESTABLISHED" and e["dport"] == port]
+    assert len(established) == N_OK + N_HOLD
+    assert all(e["pid"] == pid and e["comm"] == "kt-client" for e in established)
+    assert all(e["handshake_ms"] > 0 for e in established)
+    assert all(e["saddr"] == "127.0.0.1" and e["sport"] > 0 for e in established)
+
+
+def test_each_good_connection_goes_through_its_whole_life(scenario):
+    socks = _client_sockets(scenario["bundle"], scenario["server"].port, scenario["client_pid"])
+    complete = [s for s in socks.values()
+                if [e["new_state"] for e in s][:2] == ["SYN_SENT", "ESTABLISHED"] and s[-1]["new_state"] == "CLOSE"]
+    assert len(complete) >= N_OK
+
+
+def test_connect_calls_carry_errno_and_time(scenario):
+    bundle, port, pid = scenario["bundle"], scenario["server"].port, scenario["client_pid"]
+    connects = [e for e in bundle.of_type("connect") if e["pid"] == pid]
+    ok = [e for e in connects if e["dport"] == port]
+    refused = [e for e in connects if e["errno"] == "ECONNREFUSED"]
+    assert len(ok) == N_OK + N_HOLD and all(e["ret"] == 0 and e["duration_ms"] > 0 for e in ok)
+    assert len(refused) == N_REFUSED
+    assert all(e["comm"] == "kt-client" and e["protocol"] == "tcp" for e in connects)
+
+
+def test_server_side_sockets_are_attributed_to_the_server(scenario):
+    bundle, server = scenario["bundle"], scenario["server"]
+    accepted = [e for e in bundle.of_type("tcp_state")
+                if e["sport"] == server.port and e["old_state"] == "LISTEN" and e["new_state"] == "SYN_RECV"]
+    assert len(accepted) == N_OK + N_HOLD
+    assert {(e["pid"], e["comm"], e["attribution"]) for e in accepted} == {(server.pid, "kt-server", "listener")}
+
+
+def test_summary_reports_refused_connects_for_the_client(scenario):
+    summary, pid = scenario["bundle"].summary, scenario["client_pid"]
+    assert summary["tcp"]["connections"]["refused"] == N_REFUSED
+    refused = [f for f in summary["findings"] if f["rule"] == "connect_refused"]
+    assert len(refused) == 1
+    assert refused[0]["subject"]["pid"] == pid and refused[0]["evidence"]["count"] == N_REFUSED
+    assert len(refused[0]["evidence"]["lines"]) > 0
+
+
+def test_summary_reports_close_wait_sockets_of_the_server(scenario):
+    summary, server = scenario["bundle"].summary, scenario["server"]
+    assert summary["tcp"]["close_wait"] == [{"pid": server.pid, "comm": "kt-server", "sockets": N_HOLD}]
+    finding = [f for f in summary["findings"] if f["rule"] == "close_wait"]
+    assert len(finding) == 1 and finding[0]["subject"]["pid"] == server.pid
+    assert finding[0]["evidence"]["count"] == N_HOLD
+
+
+def test_nothing_is_lost_and_the_losses_add_up(scenario):
+    losses = scenario["bundle"].summary["losses"]
+    assert losses["balanced"]
+    assert losses["total"]["ringbuf_full"] == 0 and losses["total"]["capped"] == 0
+    assert losses["total"]["written"] == len(scenario["bundle"].events)
+    for family, row in losses["by_family"].items():
+        lost = sum(v for k, v in row.items() if k not in ("seen", "written"))
+        assert row["seen"] == row["written"] + lost, family
+
+
+def test_bundle_files_are_private_and_the_tgz_holds_the_other_three(scenario):
+    paths = scenario["bundle"].paths
+    for path in paths.values():
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600, path
+    with tarfile.open(paths["bundle.tgz"]) as tar:
+        names = sorted(tar.getnames())
+        assert names == sorted(paths[k].name for k in ("events.jsonl", "summary.json", "node.json"))
+        assert tar.extractfile(paths["events.jsonl"].name).read() == paths["events.jsonl"].read_bytes()
+
+
+def test_summary_hashes_match_the_files(scenario):
+    import hashlib
+
+    bundle = scenario["bundle"]
+    files = bundle.summary["files"]
+    assert files["events"]["sha256"] == hashlib.sha256(bundle.paths["events.jsonl"].read_bytes()).hexdigest()
+    assert files["node"]["sha256"] == hashlib.sha256(bundle.paths["node.json"].read_bytes()).hexdigest()
+
+
+def test_probe_table_is_in_summary_and_node(scenario):
+    bundle = scenario["bundle"]
+    assert bundle.summary["probes"] == bundle.node["probes"]
+    chosen = {row["family"]: row["chosen"] for row in bundle.summary["probes"]}
+    assert chosen["tcp_state"] and chosen["connect"] and chosen["retransmit"] and chosen["reset"]
+
+
+def test_bundle_validates_against_the_schemas(scenario):
+    from ktrace.schemas import validate_bundle
+
+    assert validate_bundle(scenario["bundle"].paths["summary.json"]) == []
+
+
+def test_ports_filter_writes_only_that_port_and_the_kernel_counts_the_rest(tmp_path):
+    wanted, other = Server(tmp_path), Server(tmp_path)
+    ktrace = Ktrace(tmp_path, f"--ports={wanted.port}", duration="3s").started()
+    try:
+        for server in (wanted, other):
+            assert start_client(server.port, 20, 0, 0, closed_port()).wait(timeout=60) == 0
+        assert ktrace.finish() == 0, ktrace.stderr
+        bundle = ktrace.bundle()
+    finally:
+        ktrace.kill()
+        wanted.stop()
+        other.stop()
+    assert bundle.events
+    assert all(wanted.port in (e["sport"], e["dport"]) for e in bundle.events)
+    assert sum(1 for e in bundle.of_type("tcp_state") if e["new_state"] == "SYN_SENT") == 20
+    by_family = bundle.summary["losses"]["by_family"]
+    # the other server's 20 connections never crossed the ring buffer: the kernel filtered them
+    assert by_family["tcp_state"]["filtered"] >= 20 * 8
+    assert by_family["connect"]["filtered"] >= 20
+    assert bundle.summary["losses"]["balanced"]
+
+
+def test_max_events_writes_exactly_that_many_and_counts_the_rest_as_capped(tmp_path):
+    server = Server(tmp_path)
+    ktrace = Ktrace(tmp_path, "--max-events=50", duration="3s").started()
+    try:
+        assert start_client(server.port, 30, 0, 0, closed_port()).wait(timeout=60) == 0
+        assert ktrace.finish() == 0, ktrace.stderr
+        bundle = ktrace.bundle()
+    finally:
+        ktrace.kill()
+        server.stop()
+    assert len(bundle.events) == 50
+    total = bundle.summary["losses"]["total"]
+    assert total["written"] == 50
+    assert total["capped"] >= 30 * 10 - 50
+    assert total["seen"] == 50 + total["capped"] + total["filtered"] + total["sampled_out"]
+
+
+def test_max_bytes_is_an_exact_cap(tmp_path):
+    server = Server(tmp_path)
+    ktrace = Ktrace(tmp_path, "--max-bytes=20000", duration="3s").started()
+    try:
+        assert start_client(server.port, 30, 0, 0, closed_port()).wait(timeout=60) == 0
+        assert ktrace.finish() == 0, ktrace.stderr
+        bundle = ktrace.bundle()
+    finally:
+        ktrace.kill()
+        server.stop()
+    size = bundle.paths["events.jsonl"].stat().st_size
+    assert 20000 - 1000 < size <= 20000
+    assert bundle.summary["losses"]["total"]["capped"] > 0
+
+
+def test_sample_keeps_about_a_tenth_of_the_flows_each_complete(tmp_path):
+    server = Server(tmp_path)
+    ktrace = Ktrace(tmp_path, "--sample=10", duration="6s").started()
+    n = 300
+    try:
+        assert start_client(server.port, n, 0, 0, closed_port()).wait(timeout=120) == 0
+        assert ktrace.finish() == 0, ktrace.stderr
+        bundle = ktrace.bundle()
+    finally:
+        ktrace.kill()
+        server.stop()
+    client = list(_client_sockets(bundle, server.port, ktrace_client_pid(bundle)).values())
+    # 2n sockets (client and server side); 1 in 10 kept: binomial, 6 standard deviations wide
+    kept = len([e for e in bundle.of_type("tcp_state")
+                if e["new_state"] in ("SYN_SENT", "SYN_RECV") and server.port in (e["sport"], e["dport"])])
+    assert 2 * n * 0.1 - 45 <= kept <= 2 * n * 0.1 + 45, kept
+    for sock in client:
+        states = [e["new_state"] for e in sock]
+        assert states[0] == "SYN_SENT" and states[-1] == "CLOSE", states
+    assert bundle.summary["losses"]["by_family"]["tcp_state"]["sampled_out"] > 0
+    assert bundle.summary["losses"]["balanced"]
+
+
+def ktrace_client_pid(bundle) -> int:
+    pids = {e["pid"] for e in bundle.of_type("tcp_state") if e["comm"] == "kt-client"}
+    assert len(pids) == 1
+    return pids.pop()
+
+
+def test_sigterm_mid_window_still_writes_a_complete_bundle(tmp_path):
+    server = Server(tmp_path)
+    ktrace = Ktrace(tmp_path, duration="60s").started()
+    try:
+        assert start_client(server.port, 10, 0, 0, closed_port()).wait(timeout=60) == 0
+        ktrace.signal(signal.SIGTERM)
+        assert ktrace.finish(timeout=30) == 0, ktrace.stderr
+        bundle = ktrace.bundle()
+    finally:
+        ktrace.kill()
+        server.stop()
+    assert bundle.summary["window"]["ended_by"] == "SIGTERM"
+    assert bundle.summary["window"]["actual_s"] < 30
+    assert sum(1 for e in bundle.of_type("tcp_state") if e["comm"] == "kt-client" and e["new_state"] == "SYN_SENT") \
+        == 10
+    from ktrace.schemas import validate_bundle
+
+    assert validate_bundle(bundle.paths["summary.json"]) == []

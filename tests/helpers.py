@@ -1,0 +1,142 @@
+"""Shared helpers for tests that load real BPF objects and drive real traffic."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import orjson
+import pytest
+
+TRAFFIC = str(Path(__file__).resolve().parent / "kernel" / "traffic.py")
+REQUIRE_KERNEL = os.environ.get("KTRACE_REQUIRE_KERNEL") == "1"
+
+
+def kernel_unavailable() -> str | None:
+    """Why real BPF cannot run here, or None."""
+    if os.geteuid() != 0:
+        return "needs root to load BPF"
+    if not Path("/sys/kernel/btf/vmlinux").exists():
+        return "the kernel exposes no BTF"
+    from ktrace import libbpf
+    from ktrace.errors import LibbpfMissing
+
+    try:
+        libbpf.library()
+    except LibbpfMissing as exc:
+        return str(exc)
+    return None
+
+
+def require_kernel() -> None:
+    reason = kernel_unavailable()
+    if reason:
+        if REQUIRE_KERNEL:
+            pytest.fail(f"kernel test cannot run: {reason} (KTRACE_REQUIRE_KERNEL=1)")
+        pytest.skip(reason)
+
+
+def wait_for(path: Path, proc: subprocess.Popen | None = None, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        if proc is not None and proc.poll() is not None:
+            out, err = proc.communicate()
+            raise AssertionError(f"process exited with {proc.returncode} before {path.name}: {err.decode()}")
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {path}")
+        time.sleep(0.02)
+
+
+@dataclass
+class Bundle:
+    events: list[dict]
+    summary: dict
+    node: dict
+    paths: dict[str, Path]
+
+    def of_type(self, kind: str) -> list[dict]:
+        return [e for e in self.events if e["type"] == kind]
+
+
+def read_bundle(out_dir: Path) -> Bundle:
+    paths = {}
+    for kind in ("events.jsonl", "summary.json", "node.json", "bundle.tgz"):
+        found = sorted(out_dir.glob(f"ktrace.*.{kind}"))
+        assert len(found) == 1, f"expected one {kind} in {out_dir}, found {found}"
+        paths[kind] = found[0]
+    events = [orjson.loads(line) for line in paths["events.jsonl"].read_bytes().splitlines()]
+    return Bundle(events, orjson.loads(paths["summary.json"].read_bytes()),
+                  orjson.loads(paths["node.json"].read_bytes()), paths)
+
+
+class Ktrace:
+    """`ktrace` run as a user runs it, in a subprocess; started() returns once the probes are attached."""
+
+    def __init__(self, tmp_path: Path, *args: str, duration: str = "5s") -> None:
+        self.out_dir = tmp_path / "out"
+        self.ready = tmp_path / "ktrace.ready"
+        self.cmd = [sys.executable, "-m", "ktrace", f"--duration={duration}", f"--out-dir={self.out_dir}",
+                    f"--ready-file={self.ready}", *args]
+        self.proc = subprocess.Popen(self.cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        self.stdout = self.stderr = ""
+
+    def started(self) -> Ktrace:
+        wait_for(self.ready, self.proc)
+        return self
+
+    def signal(self, signum: int = signal.SIGINT) -> None:
+        self.proc.send_signal(signum)
+
+    def finish(self, timeout: float = 60.0) -> int:
+        out, err = self.proc.communicate(timeout=timeout)
+        self.stdout, self.stderr = out.decode(), err.decode()
+        return self.proc.returncode
+
+    def bundle(self) -> Bundle:
+        return read_bundle(self.out_dir)
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
+class Server:
+    """tests/kernel/traffic.py server: a loopback TCP server with comm kt-server."""
+
+    def __init__(self, tmp_path: Path, netns: str | None = None) -> None:
+        port_file = tmp_path / f"server.port.{time.monotonic_ns()}"
+        prefix = ["ip", "netns", "exec", netns] if netns else []
+        self.proc = subprocess.Popen([*prefix, sys.executable, TRAFFIC, "server", str(port_file)])
+        wait_for(port_file, self.proc)
+        self.port = int(port_file.read_text())
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def start_client(port: int, ok: int, refused: int, hold: int, closed_port: int) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, TRAFFIC, "client", str(port), str(ok), str(refused), str(hold),
+                             str(closed_port)])
+
+
+def closed_port() -> int:
+    """A loopback port nothing listens on."""
+    import socket
+
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port

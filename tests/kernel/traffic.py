@@ -1,0 +1,81 @@
+"""Loopback TCP traffic with known shapes, run as separate processes with their own comm.
+
+    python traffic.py server PORT_FILE      accept forever; "hold" connections are kept open
+    python traffic.py client PORT N_OK N_REFUSED N_HOLD [CLOSED_PORT]
+    python traffic.py connect HOST PORT     one blocking connect, prints the result
+"""
+
+from __future__ import annotations
+
+import ctypes
+import socket
+import sys
+import time
+
+PR_SET_NAME = 15
+
+
+def set_comm(name: str) -> None:
+    ctypes.CDLL(None).prctl(PR_SET_NAME, name.encode(), 0, 0, 0)
+
+
+def server(port_file: str) -> None:
+    set_comm("kt-server")
+    srv = socket.socket()
+    srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(512)
+    held = []
+    with open(port_file + ".tmp", "w") as f:
+        f.write(str(srv.getsockname()[1]))
+    import os
+
+    os.rename(port_file + ".tmp", port_file)
+    while True:
+        conn, _ = srv.accept()
+        data = conn.recv(16)
+        if data == b"hold":
+            held.append(conn)  # never closed: CLOSE_WAIT once the client closes
+            continue
+        conn.sendall(b"pong")
+        conn.recv(16)  # wait for the client's FIN
+        conn.close()
+
+
+def client(port: int, n_ok: int, n_refused: int, n_hold: int, closed_port: int) -> None:
+    set_comm("kt-client")
+    for _ in range(n_ok):
+        c = socket.create_connection(("127.0.0.1", port))
+        c.sendall(b"ping")
+        c.recv(16)
+        c.close()
+    for _ in range(n_refused):
+        try:
+            socket.create_connection(("127.0.0.1", closed_port)).close()
+        except ConnectionRefusedError:
+            pass
+    for _ in range(n_hold):
+        c = socket.create_connection(("127.0.0.1", port))
+        c.sendall(b"hold")
+        time.sleep(0.01)
+        c.close()
+
+
+def connect(host: str, port: int) -> None:
+    set_comm("kt-connect")
+    start = time.monotonic()
+    c = socket.create_connection((host, port), timeout=10)
+    print(f"connected {time.monotonic() - start:.3f}", flush=True)
+    c.close()
+
+
+if __name__ == "__main__":
+    role = sys.argv[1]
+    if role == "server":
+        server(sys.argv[2])
+    elif role == "client":
+        client(int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]), int(sys.argv[6]))
+    elif role == "connect":
+        connect(sys.argv[2], int(sys.argv[3]))
+    else:
+        sys.exit(f"unknown role {role}")

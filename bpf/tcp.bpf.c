@@ -192,6 +192,7 @@ static __always_inline int kt_handle_state(const struct sock *sk, int oldstate, 
 	__u64 now = bpf_ktime_get_boot_ns();
 	bool born = newstate == KT_TCP_SYN_SENT || newstate == KT_TCP_LISTEN ||
 		    newstate == KT_TCP_SYN_RECV;
+	bool by_owner = false;	/* the owner itself is making this change, in a syscall */
 
 	if (kt_sk_protocol(sk) != IPPROTO_TCP)
 		return 0;
@@ -206,7 +207,8 @@ static __always_inline int kt_handle_state(const struct sock *sk, int oldstate, 
 	if (!o) {
 		if (kt_change_by_owner(oldstate, newstate)) {
 			kt_fill_current(&fresh.task);
-			fresh.attribution = KT_ATTR_CURRENT;
+			fresh.attribution = KT_ATTR_SOCKET_OWNER;
+			by_owner = true;
 		} else {
 			kt_guess_owner(&fresh, sk, t.sport);
 		}
@@ -223,9 +225,10 @@ static __always_inline int kt_handle_state(const struct sock *sk, int oldstate, 
 		if (!o)
 			o = &fresh;
 	} else if (o->attribution == KT_ATTR_CPU && kt_change_by_owner(oldstate, newstate)) {
-		/* first sight of the real owner of a socket that predates the window */
+		/* first sight of the real owner of a socket whose owner was unknown */
 		kt_fill_current(&o->task);
-		o->attribution = KT_ATTR_CURRENT;
+		o->attribution = KT_ATTR_SOCKET_OWNER;
+		by_owner = true;
 	}
 
 	if (newstate == KT_TCP_SYN_SENT) {
@@ -259,7 +262,7 @@ static __always_inline int kt_handle_state(const struct sock *sk, int oldstate, 
 	if (!e)
 		goto out;
 	e->task = o->task;
-	e->attribution = o->attribution;
+	e->attribution = by_owner ? KT_ATTR_CURRENT : o->attribution;
 	e->skaddr = key;
 	e->handshake_ns = oldstate == KT_TCP_SYN_SENT && o->syn_ts ? now - o->syn_ts : 0;
 	kt_copy_tuple(&t, e->saddr, e->daddr, &e->sport, &e->dport, &e->family);

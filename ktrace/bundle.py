@@ -21,6 +21,8 @@ import orjson
 from ktrace.errors import OutputError
 
 MODE = 0o600
+# On a full disk, events.jsonl gives back this much so summary.json, node.json and the tgz still fit.
+DISK_FULL_RESERVE = 256 << 10
 
 
 def _open_private(path: Path) -> int:
@@ -115,17 +117,21 @@ class Bundle:
         except OSError as exc:
             if exc.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
                 raise OutputError(f"writing {self._events_tmp.name} failed: {exc.strerror}") from None
-            # keep what reached the disk; the summary says the file is truncated
+            # keep what reached the disk, less room for the rest of the bundle; the summary says so
             written = os.lseek(self._fd, 0, os.SEEK_CUR)
-            os.ftruncate(self._fd, self._last_good_offset(written))
+            cut = self._last_good_offset(max(written - DISK_FULL_RESERVE, 0))
+            os.ftruncate(self._fd, cut)
+            os.lseek(self._fd, cut, os.SEEK_SET)
             self.truncated = f"disk full after {self.lines} lines"
 
-    def _last_good_offset(self, written: int) -> int:
+    def _last_good_offset(self, limit: int) -> int:
         # cut back to the last complete line so every line stays valid JSON
-        if written == 0:
+        if limit == 0:
+            self._sha = hashlib.sha256()
+            self.lines = self.bytes = 0
             return 0
         with open(self._events_tmp, "rb") as f:
-            data = f.read(written)
+            data = f.read(limit)
         cut = data.rfind(b"\n") + 1
         self._sha = hashlib.sha256(data[:cut])
         self.lines = data[:cut].count(b"\n")

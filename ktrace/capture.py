@@ -185,7 +185,7 @@ def load(config: CaptureConfig) -> Capture:
             hook = choice[fam.name]
             refused[fam.name].add(hook.label)
             row = table[fam.name].alternatives[fam.chain.index(hook)]
-            row.status, row.reason = "refused", exc.message.split(" failed ", 1)[-1].strip("()")
+            row.status, row.reason = "refused", exc.message
             log.info("%s: %s refused (%s); trying the next alternative", fam.name, hook.label, row.reason)
             continue
         for fam in families:
@@ -258,7 +258,7 @@ def trial(family: probes.Family, hook: probes.Hook) -> tuple[str, str]:
     try:
         capture = _load_and_attach({family.obj: set(hook.programs)}, config, {})
     except BpfError as exc:
-        return "refused", exc.message.split(" failed ", 1)[-1].strip("()")
+        return "refused", exc.message
     capture.close()
     return "available", ""
 

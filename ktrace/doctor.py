@@ -48,14 +48,14 @@ def render(report: dict) -> str:
         f"kernel {report['kernel']} · libbpf {report['libbpf']} · lockdown {report['lockdown'] or 'none'} · "
         f"tracefs {report['tracefs'] or 'missing'}",
         "",
-        f"{'family':<12} {'status':<8} {'hook':<46} {'result':<12} reason",
+        f"{'family':<14} {'status':<8} {'hook':<46} {'result':<12} reason",
     ]
     for fam in report["families"]:
         for i, alt in enumerate(fam["alternatives"]):
             name = fam["family"] if i == 0 else ""
             status = fam["status"] if i == 0 else ""
             mark = "→ " if alt["status"] == "chosen" else "  "
-            lines.append(f"{name:<12} {status:<8} {mark}{alt['hook']:<44} {alt['status']:<12} {alt['reason']}")
+            lines.append(f"{name:<14} {status:<8} {mark}{alt['hook']:<44} {alt['status']:<12} {alt['reason']}")
     if report["error"]:
         lines += ["", f"error: {report['error']}"]
     return "\n".join(lines)

@@ -69,8 +69,7 @@ def effective_caps() -> int:
 
 
 def check_privileges() -> None:
-    if os.geteuid() == 0:
-        return
+    # capabilities, not the uid: root in an unprivileged container cannot load BPF either
     caps = effective_caps()
     has = lambda cap: bool(caps >> cap & 1)  # noqa: E731
     if has(CAP_SYS_ADMIN) or (has(CAP_BPF) and has(CAP_PERFMON)):

@@ -77,8 +77,8 @@ def read_bundle(out_dir: Path) -> Bundle:
 class Ktrace:
     """`ktrace` run as a user runs it, in a subprocess; started() returns once the probes are attached."""
 
-    def __init__(self, tmp_path: Path, *args: str, duration: str = "5s") -> None:
-        self.out_dir = tmp_path / "out"
+    def __init__(self, tmp_path: Path, *args: str, duration: str = "5s", out_dir: Path | None = None) -> None:
+        self.out_dir = out_dir or tmp_path / "out"
         self.ready = tmp_path / "ktrace.ready"
         self.cmd = [sys.executable, "-m", "ktrace", f"--duration={duration}", f"--out-dir={self.out_dir}",
                     f"--ready-file={self.ready}", *args]

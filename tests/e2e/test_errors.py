@@ -1,0 +1,96 @@
+"""Bad input and hostile conditions: one line on stderr, a documented exit status, never a traceback."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from ktrace.errors import ExitStatus
+from tests.helpers import Ktrace, Server, closed_port, read_bundle, start_client
+
+
+def ktrace(*args: str, prefix: tuple[str, ...] = (), env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([*prefix, sys.executable, "-m", "ktrace", *args], capture_output=True, text=True,
+                          timeout=60, env={**os.environ, **(env or {})})
+
+
+def assert_one_line_error(result: subprocess.CompletedProcess, status: ExitStatus) -> None:
+    assert result.returncode == status, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("ktrace: error: ")
+    assert "Traceback" not in result.stderr
+
+
+def test_without_bpf_capabilities_it_says_so(tmp_path):
+    result = ktrace("--duration=1s", f"--out-dir={tmp_path}",
+                    prefix=("setpriv", "--bounding-set=-sys_admin,-bpf,-perfmon", "--"))
+    assert_one_line_error(result, ExitStatus.NOT_PRIVILEGED)
+    assert "CAP_BPF" in result.stderr
+    assert not list(tmp_path.iterdir())
+
+
+@pytest.fixture
+def read_only_dir(tmp_path: Path):
+    target = tmp_path / "ro"
+    target.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "ktrace-test", str(target)], check=True)
+    yield target
+    subprocess.run(["umount", str(target)], check=True)
+
+
+def test_unwritable_out_dir_fails_before_probing(read_only_dir):
+    result = ktrace("--duration=1s", f"--out-dir={read_only_dir / 'out'}")
+    assert_one_line_error(result, ExitStatus.OUTPUT)
+    assert "--out-dir" in result.stderr
+
+
+def test_out_dir_that_is_a_file(tmp_path):
+    (tmp_path / "file").write_text("x")
+    result = ktrace("--duration=1s", f"--out-dir={tmp_path / 'file'}")
+    assert_one_line_error(result, ExitStatus.OUTPUT)
+
+
+@pytest.fixture
+def full_disk(tmp_path: Path):
+    target = tmp_path / "full"
+    target.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "ktrace-test", str(target)], check=True)
+    yield target
+    subprocess.run(["umount", str(target)], check=True)
+
+
+def test_missing_libbpf(tmp_path):
+    result = ktrace("--duration=1s", f"--out-dir={tmp_path}", env={"KTRACE_LIBBPF": "/nonexistent/libbpf.so.1"})
+    assert_one_line_error(result, ExitStatus.NO_LIBBPF)
+    assert "libbpf" in result.stderr
+
+
+@pytest.mark.parametrize("args", [["--duration=abc"], ["--ports=70000"], ["--ports=80,x"], ["--sample=0"],
+                                  ["--max-bytes=lots"], ["--probes=nope"], ["--ring-size=1000"], ["--bogus"]])
+def test_bad_flags_are_usage_errors(args, tmp_path):
+    result = ktrace(*args, f"--out-dir={tmp_path}")
+    assert_one_line_error(result, ExitStatus.USAGE)
+
+
+def test_full_disk_keeps_what_fit_and_marks_the_bundle_truncated(full_disk, tmp_path):
+    server = Server(tmp_path)
+    run = Ktrace(tmp_path, duration="4s", out_dir=full_disk).started()
+    try:
+        # about 10 events of 600 bytes per connection: far more than the 1 MiB disk holds
+        assert start_client(server.port, 1500, 0, 0, closed_port()).wait(timeout=120) == 0
+        status = run.finish()
+    finally:
+        run.kill()
+        server.stop()
+    assert status == ExitStatus.DEGRADED, run.stderr
+    bundle = read_bundle(full_disk)
+    assert bundle.summary["files"]["events"]["truncated"]
+    assert any("truncated" in reason for reason in bundle.summary["degraded"])
+    assert len(bundle.events) == bundle.summary["files"]["events"]["lines"] > 0
+    total = bundle.summary["losses"]["total"]
+    assert total["disk_full"] > 0 and bundle.summary["losses"]["balanced"]

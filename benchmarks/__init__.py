@@ -1,0 +1,1 @@
+"""Overhead benchmarks for ktrace (`make bench`)."""

@@ -85,10 +85,12 @@ class Bundle:
         self._sha = hashlib.sha256()
 
     def write_event(self, event: dict) -> int | None:
-        """Append one event; returns its 1-based line number, or None when a cap or a full disk stopped it."""
+        return self.write_line(orjson.dumps(event) + b"\n")
+
+    def write_line(self, line: bytes) -> int | None:
+        """Append one JSON line; returns its 1-based line number, or None when a cap or a full disk stopped it."""
         if self.capped or self.truncated:
             return None
-        line = orjson.dumps(event) + b"\n"
         if self.max_events is not None and self.lines >= self.max_events:
             self.capped = True
             return None

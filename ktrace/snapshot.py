@@ -117,18 +117,20 @@ class _Recorder:
         self.undecodable = 0
 
     def records(self, batch: list[bytes]) -> None:
-        decode, write, add = self.decoder.decode, self.bundle.write_event, self.summary.add
+        decode, write, add = self.decoder.decode, self.bundle.write_line, self.summary.add
+        written, capped = self.written, self.capped
         for record in batch:
-            event = decode(record)
-            if event is None:
+            decoded = decode(record)
+            if decoded is None:
                 self.undecodable += 1
                 continue
-            line = write(event)
-            if line is None:
-                self.capped[event["type"]] += 1
+            event, line = decoded
+            number = write(line)
+            if number is None:
+                capped[event["type"]] += 1
             else:
-                self.written[event["type"]] += 1
-            add(event, line)
+                written[event["type"]] += 1
+            add(event, number)
 
     @property
     def events(self) -> int:

@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import errno
 import ipaddress
+import operator
 import time
 from collections.abc import Callable
+
+import orjson
 
 from ktrace.events import generated
 
@@ -36,22 +39,53 @@ def _comm(raw: bytes) -> str:
     return raw.split(b"\0", 1)[0].decode("utf-8", "replace")
 
 
+TASK_FIELDS = ("task.tgid", "task.pid", "task.ppid", "task.comm", "task.uid", "task.gid", "task.cgroup_id",
+               "task.memcg_id", "task.netns", "task.mntns", "task.pidns", "task.userns", "task.seccomp_mode",
+               "task.cap_effective")
+FLOW_FIELDS = ("family", "saddr", "sport", "daddr", "dport", "skaddr")
+# The fields each kind's formatter reads, in the order it unpacks them.
+KIND_FIELDS = {
+    "tcp_state": ("oldstate", "newstate", "handshake_ns", "sk_err"),
+    "connect": ("protocol", "fd", "ret", "duration_ns"),
+    "retransmit": ("state", "total_retrans", "snd_cwnd", "srtt_us", "err"),
+    "reset": ("direction", "state", "reason"),
+}
+_TASK_BLOCK = slice(16, 96)  # struct kt_task inside every record, after struct kt_hdr
+
+
+class _Kind:
+    __slots__ = ("name", "size", "struct", "ts", "cpu", "attribution", "task", "flow", "fields", "format")
+
+    def __init__(self, name: str, layout: generated.Layout, fmt: Callable) -> None:
+        index = {n: i for i, n in enumerate(layout.names)}
+        self.name = name
+        self.size = layout.size
+        self.struct = layout.struct
+        self.ts, self.cpu = index["hdr.ts_ns"], index["hdr.cpu"]
+        self.attribution = index.get("attribution")
+        self.task = operator.itemgetter(*(index[f] for f in TASK_FIELDS))
+        self.flow = operator.itemgetter(*(index[f] for f in FLOW_FIELDS))
+        self.fields = operator.itemgetter(*(index[f] for f in KIND_FIELDS[name]))
+        self.format = fmt
+
+
 class Decoder:
-    """Decodes records of every kind into dicts whose first key is "type"."""
+    """Decodes records of every kind into (event dict, JSON line); "type" is always the first key.
+
+    The task block of a record repeats for every event of the same process, so its
+    formatted dict and JSON are cached by its raw bytes.
+    """
 
     def __init__(self, boot_to_wall_ns: int, reset_reasons: dict[int, str] | None = None) -> None:
         self.boot_to_wall_ns = boot_to_wall_ns
         self.reset_reasons = reset_reasons or {}
         self._addr_cache: dict[tuple[int, bytes], str] = {}
-        self._comm_cache: dict[bytes, str] = {}
+        self._task_cache: dict[tuple[bytes, int], tuple[dict, bytes]] = {}
         self._second = -1
         self._second_text = ""
         self.unknown_kinds = 0
-        self._formatters: dict[int, tuple[str, generated.Layout, Callable[[dict, tuple], None]]] = {}
-        for kind, name in generated.KIND.items():
-            self._formatters[kind] = (name, generated.LAYOUTS[kind], getattr(self, f"_fmt_{name}"))
-
-    # --- shared pieces ---
+        self._kinds = {kind: _Kind(name, generated.LAYOUTS[kind], getattr(self, f"_fmt_{name}"))
+                       for kind, name in generated.KIND.items()}
 
     def wall_time(self, boot_ns: int) -> str:
         wall = boot_ns + self.boot_to_wall_ns
@@ -74,91 +108,78 @@ class Decoder:
             self._addr_cache[key] = text
         return text
 
-    def comm(self, raw: bytes) -> str:
-        text = self._comm_cache.get(raw)
-        if text is None:
-            text = _comm(raw)
-            if len(self._comm_cache) > 65536:
-                self._comm_cache.clear()
-            self._comm_cache[raw] = text
-        return text
+    def _task(self, k: _Kind, v: tuple, attribution: int) -> tuple[dict, bytes]:
+        tgid, pid, ppid, comm, uid, gid, cgroup_id, memcg_id, netns, mntns, pidns, userns, seccomp, caps = k.task(v)
+        task = {
+            "pid": tgid, "tid": pid, "ppid": ppid, "comm": _comm(comm), "uid": uid, "gid": gid,
+            "attribution": generated.ATTRIBUTION.get(attribution, str(attribution)),
+            "cgroup_id": cgroup_id, "memcg_id": memcg_id, "netns": netns, "mntns": mntns, "pidns": pidns,
+            "userns": userns, "seccomp": seccomp, "cap_eff": f"{caps:#x}",
+        }
+        return task, orjson.dumps(task)[1:-1]
 
-    def decode(self, record: bytes) -> dict | None:
-        kind = int.from_bytes(record[8:10], "little")
-        entry = self._formatters.get(kind)
-        if entry is None or len(record) < entry[1].size:
+    def decode(self, record: bytes) -> tuple[dict, bytes] | None:
+        """One record → (event, its events.jsonl line), or None for a record of an unknown kind."""
+        k = self._kinds.get(record[8] | record[9] << 8)
+        if k is None or len(record) < k.size:
             self.unknown_kinds += 1
             return None
-        name, layout, fmt = entry
-        v = dict(zip(layout.names, layout.unpack(record)))
-        event = {
-            "type": name,
-            "time": self.wall_time(v["hdr.ts_ns"]),
-            "ts_ns": v["hdr.ts_ns"],
-            "cpu": v["hdr.cpu"],
-            "pid": v["task.tgid"],
-            "tid": v["task.pid"],
-            "ppid": v["task.ppid"],
-            "comm": self.comm(v["task.comm"]),
-            "uid": v["task.uid"],
-            "gid": v["task.gid"],
-            "attribution": generated.ATTRIBUTION.get(v.get("attribution", 1), "current"),
-            "cgroup_id": v["task.cgroup_id"],
-            "memcg_id": v["task.memcg_id"],
-            "netns": v["task.netns"],
-            "mntns": v["task.mntns"],
-            "pidns": v["task.pidns"],
-            "userns": v["task.userns"],
-            "seccomp": v["task.seccomp_mode"],
-            "cap_eff": f"{v['task.cap_effective']:#x}",
+        v = k.struct.unpack_from(record)
+        attribution = v[k.attribution] if k.attribution is not None else 1
+        key = (record[_TASK_BLOCK], attribution)
+        cached = self._task_cache.get(key)
+        if cached is None:
+            if len(self._task_cache) > 16384:
+                self._task_cache.clear()
+            cached = self._task_cache[key] = self._task(k, v, attribution)
+        task, task_json = cached
+        ts = v[k.ts]
+        when = self.wall_time(ts)
+        family, saddr, sport, daddr, dport, skaddr = k.flow(v)
+        specific = {
+            "family": ADDRESS_FAMILIES.get(family, str(family)),
+            "saddr": self.addr(family, saddr), "sport": sport,
+            "daddr": self.addr(family, daddr), "dport": dport,
+            "sk": f"{skaddr:#x}",
         }
-        fmt(event, v)
-        return event
+        k.format(specific, k.fields(v))
+        event = {"type": k.name, "time": when, "ts_ns": ts, "cpu": v[k.cpu], **task, **specific}
+        line = b'{"type":"%s","time":"%s","ts_ns":%d,"cpu":%d,%s,%s\n' % (
+            k.name.encode(), when.encode(), ts, v[k.cpu], task_json, orjson.dumps(specific)[1:])
+        return event, line
 
-    def _flow(self, event: dict, v: dict) -> None:
-        family = v["family"]
-        event["family"] = ADDRESS_FAMILIES.get(family, str(family))
-        event["saddr"] = self.addr(family, v["saddr"])
-        event["sport"] = v["sport"]
-        event["daddr"] = self.addr(family, v["daddr"])
-        event["dport"] = v["dport"]
-        event["sk"] = f"{v['skaddr']:#x}"
+    # --- one formatter per kind, _fmt_<kind name>: adds the kind's own fields ---
 
-    # --- one formatter per kind: _fmt_<kind name> ---
+    def _fmt_tcp_state(self, event: dict, f: tuple) -> None:
+        oldstate, newstate, handshake_ns, sk_err = f
+        event["old_state"] = TCP_STATES.get(oldstate, str(oldstate))
+        event["new_state"] = TCP_STATES.get(newstate, str(newstate))
+        if oldstate == 2 and handshake_ns:
+            event["handshake_ms"] = round(handshake_ns / 1e6, 3)
+        if sk_err:
+            event["error"] = errno_name(sk_err)
 
-    def _fmt_tcp_state(self, event: dict, v: dict) -> None:
-        self._flow(event, v)
-        event["old_state"] = TCP_STATES.get(v["oldstate"], str(v["oldstate"]))
-        event["new_state"] = TCP_STATES.get(v["newstate"], str(v["newstate"]))
-        if v["oldstate"] == 2 and v["handshake_ns"]:
-            event["handshake_ms"] = round(v["handshake_ns"] / 1e6, 3)
-        if v["sk_err"]:
-            event["error"] = errno_name(v["sk_err"])
+    def _fmt_connect(self, event: dict, f: tuple) -> None:
+        protocol, fd, ret, duration_ns = f
+        event["protocol"] = PROTOCOLS.get(protocol, str(protocol))
+        event["fd"] = fd
+        event["ret"] = ret
+        event["errno"] = errno_name(ret) if ret < 0 else None
+        event["duration_ms"] = round(duration_ns / 1e6, 3)
 
-    def _fmt_connect(self, event: dict, v: dict) -> None:
-        self._flow(event, v)
-        event["protocol"] = PROTOCOLS.get(v["protocol"], str(v["protocol"]))
-        event["fd"] = v["fd"]
-        event["ret"] = v["ret"]
-        event["errno"] = errno_name(v["ret"]) if v["ret"] < 0 else None
-        event["duration_ms"] = round(v["duration_ns"] / 1e6, 3)
+    def _fmt_retransmit(self, event: dict, f: tuple) -> None:
+        state, total_retrans, snd_cwnd, srtt_us, err = f
+        event["state"] = TCP_STATES.get(state, str(state))
+        event["total_retrans"] = total_retrans
+        event["snd_cwnd"] = snd_cwnd
+        event["srtt_us"] = srtt_us
+        event["err"] = err
 
-    def _fmt_retransmit(self, event: dict, v: dict) -> None:
-        self._flow(event, v)
-        event["state"] = TCP_STATES.get(v["state"], str(v["state"]))
-        event["total_retrans"] = v["total_retrans"]
-        event["snd_cwnd"] = v["snd_cwnd"]
-        event["srtt_us"] = v["srtt_us"]
-        event["err"] = v["err"]
-
-    def _fmt_reset(self, event: dict, v: dict) -> None:
-        self._flow(event, v)
-        event["direction"] = generated.RESET_DIRECTION.get(v["direction"], str(v["direction"]))
-        event["state"] = TCP_STATES.get(v["state"], None) if v["state"] else None
-        if v["direction"] == 1:
-            event["reason"] = self.reset_reasons.get(v["reason"], str(v["reason"]))
-        else:
-            event["reason"] = None
+    def _fmt_reset(self, event: dict, f: tuple) -> None:
+        direction, state, reason = f
+        event["direction"] = generated.RESET_DIRECTION.get(direction, str(direction))
+        event["state"] = TCP_STATES.get(state) if state else None
+        event["reason"] = self.reset_reasons.get(reason, str(reason)) if direction == 1 else None
 
 
 def kernel_reset_reasons(btf: object | None) -> dict[int, str]:

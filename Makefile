@@ -15,15 +15,26 @@ $(error Architecture $(ARCH) is not supported yet)
 endif
 
 .DELETE_ON_ERROR:
-.PHONY: help bpf generate vmlinux test test-unit bench lint clean
+.PHONY: help setup bpf generate vmlinux test test-unit bench lint clean
 
 help:
+	@echo "setup     install what ktrace and its tests need (apt: libbpf1 iproute2 nftables; pip: -e .[test])"
 	@echo "bpf       compile and strip the CO-RE objects into ktrace/bpf/, record source hashes"
 	@echo "generate  regenerate ktrace/events/generated.py from the objects' BTF"
 	@echo "vmlinux   regenerate $(VMLINUX) from /sys/kernel/btf/vmlinux"
 	@echo "test      run every test (kernel tests need root)"
 	@echo "bench     overhead benchmark: workload alone, under ktrace, under tcpstates"
 	@echo "lint      ruff"
+
+# Run-time needs: libbpf.so.1 (ctypes), iproute2 and nftables (tests make namespaces and drop SYNs),
+# setpriv (tests drop capabilities). The BPF objects are prebuilt: no compiler is needed.
+setup:
+	@if ! ldconfig -p | grep -q 'libbpf.so.1 ' || ! command -v nft >/dev/null || ! command -v ip >/dev/null \
+		|| ! command -v setpriv >/dev/null; then \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+			libbpf1 iproute2 nftables util-linux >/dev/null; \
+	fi
+	$(PYTHON) -m pip install --quiet --disable-pip-version-check -e '.[test]'
 
 bpf: $(BPF_OBJ)
 	$(PYTHON) -m ktrace.build manifest
@@ -40,8 +51,8 @@ vmlinux:
 	$(BPFTOOL) btf dump file /sys/kernel/btf/vmlinux format c > $(VMLINUX).tmp
 	mv $(VMLINUX).tmp $(VMLINUX)
 
-test:
-	$(PYTHON) -m pytest tests
+test: lint
+	$(PYTHON) -m pytest tests -q -rs
 
 test-unit:
 	$(PYTHON) -m pytest tests/unit

@@ -54,16 +54,25 @@ _TASK_BLOCK = slice(16, 96)  # struct kt_task inside every record, after struct 
 
 
 class _Kind:
-    __slots__ = ("name", "size", "struct", "ts", "cpu", "attribution", "task", "flow", "fields", "format")
+    """How to read one kind: the task block (cached per process) apart from the rest of the record."""
+
+    __slots__ = ("name", "size", "struct", "task_struct", "ts", "cpu", "attribution", "task", "flow", "fields",
+                 "format")
 
     def __init__(self, name: str, layout: generated.Layout, fmt: Callable) -> None:
-        index = {n: i for i, n in enumerate(layout.names)}
+        own = ("hdr.ts_ns", "hdr.cpu", *FLOW_FIELDS, *KIND_FIELDS[name])
+        if "attribution" in layout.names:
+            own += ("attribution",)
+        self.struct = layout.subset(own)
+        self.task_struct = layout.subset(TASK_FIELDS)
+        read = [f.name for f in sorted(layout.fields, key=lambda f: f.offset) if f.name in own]
+        index = {n: i for i, n in enumerate(read)}
+        task_read = [f.name for f in sorted(layout.fields, key=lambda f: f.offset) if f.name in TASK_FIELDS]
         self.name = name
         self.size = layout.size
-        self.struct = layout.struct
         self.ts, self.cpu = index["hdr.ts_ns"], index["hdr.cpu"]
         self.attribution = index.get("attribution")
-        self.task = operator.itemgetter(*(index[f] for f in TASK_FIELDS))
+        self.task = operator.itemgetter(*(task_read.index(f) for f in TASK_FIELDS))
         self.flow = operator.itemgetter(*(index[f] for f in FLOW_FIELDS))
         self.fields = operator.itemgetter(*(index[f] for f in KIND_FIELDS[name]))
         self.format = fmt
@@ -81,19 +90,22 @@ class Decoder:
         self.reset_reasons = reset_reasons or {}
         self._addr_cache: dict[tuple[int, bytes], str] = {}
         self._task_cache: dict[tuple[bytes, int], tuple[dict, bytes]] = {}
-        self._second = -1
-        self._second_text = ""
+        self._second = self._ms = -1
+        self._second_text = self._ms_text = ""
         self.unknown_kinds = 0
         self._kinds = {kind: _Kind(name, generated.LAYOUTS[kind], getattr(self, f"_fmt_{name}"))
                        for kind, name in generated.KIND.items()}
 
     def wall_time(self, boot_ns: int) -> str:
-        wall = boot_ns + self.boot_to_wall_ns
-        second, rest = divmod(wall, 1_000_000_000)
-        if second != self._second:
-            self._second = second
-            self._second_text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
-        return f"{self._second_text}.{rest // 1_000_000:03d}Z"
+        ms = (boot_ns + self.boot_to_wall_ns) // 1_000_000
+        if ms != self._ms:  # events come in bursts: most share the millisecond of the one before
+            self._ms = ms
+            second, rest = divmod(ms, 1000)
+            if second != self._second:
+                self._second = second
+                self._second_text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+            self._ms_text = f"{self._second_text}.{rest:03d}Z"
+        return self._ms_text
 
     def addr(self, family: int, raw: bytes) -> str:
         key = (family, raw)
@@ -108,8 +120,9 @@ class Decoder:
             self._addr_cache[key] = text
         return text
 
-    def _task(self, k: _Kind, v: tuple, attribution: int) -> tuple[dict, bytes]:
-        tgid, pid, ppid, comm, uid, gid, cgroup_id, memcg_id, netns, mntns, pidns, userns, seccomp, caps = k.task(v)
+    def _task(self, k: _Kind, record: bytes, attribution: int) -> tuple[dict, bytes]:
+        tgid, pid, ppid, comm, uid, gid, cgroup_id, memcg_id, netns, mntns, pidns, userns, seccomp, caps = k.task(
+            k.task_struct.unpack_from(record))
         task = {
             "pid": tgid, "tid": pid, "ppid": ppid, "comm": _comm(comm), "uid": uid, "gid": gid,
             "attribution": generated.ATTRIBUTION.get(attribution, str(attribution)),
@@ -131,7 +144,7 @@ class Decoder:
         if cached is None:
             if len(self._task_cache) > 16384:
                 self._task_cache.clear()
-            cached = self._task_cache[key] = self._task(k, v, attribution)
+            cached = self._task_cache[key] = self._task(k, record, attribution)
         task, task_json = cached
         ts = v[k.ts]
         when = self.wall_time(ts)

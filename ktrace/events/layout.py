@@ -38,6 +38,14 @@ class Layout:
         if self.struct.size != size:
             raise ValueError(f"{name}: layout is {self.struct.size} bytes, BTF says {size}")
 
+    def subset(self, names: tuple[str, ...]) -> struct.Struct:
+        """A Struct that reads only these fields, in this order of offsets, skipping the rest as padding."""
+        wanted = sorted((f for f in self.fields if f.name in names), key=lambda f: f.offset)
+        if len(wanted) != len(set(names)):
+            missing = set(names) - {f.name for f in wanted}
+            raise ValueError(f"{self.name} has no field {', '.join(sorted(missing))}")
+        return Layout(self.name, self.size, tuple(wanted)).struct
+
     def unpack(self, buf: bytes | memoryview, offset: int = 0) -> tuple:
         return self.struct.unpack_from(buf, offset)
 

@@ -113,31 +113,33 @@ def tracepoint(category: str, name: str) -> Callable[[], CheckResult]:
     return check
 
 
-def tp_btf(name: str) -> Callable[[], CheckResult]:
+def _btf_type(name: str, kind: int, missing: str, found: CheckResult = SUPPORTED) -> Callable[[], CheckResult]:
+    """A check that passes when the kernel's BTF has this named type."""
+
     @functools.cache
     def check() -> CheckResult:
         btf = vmlinux_btf()
         if btf is None:
             return CheckResult(Verdict.UNSUPPORTED, "the kernel exposes no BTF")
-        if not btf.has(f"btf_trace_{name}", libbpf.BTF_KIND_TYPEDEF):
-            return CheckResult(Verdict.UNSUPPORTED, f"no BTF tracepoint {name} in this kernel")
-        return SUPPORTED
+        if not btf.has(name, kind):
+            return CheckResult(Verdict.UNSUPPORTED, missing)
+        return found
 
     return check
+
+
+def tp_btf(name: str) -> Callable[[], CheckResult]:
+    return _btf_type(f"btf_trace_{name}", libbpf.BTF_KIND_TYPEDEF, f"no BTF tracepoint {name} in this kernel")
 
 
 def fentry(function: str) -> Callable[[], CheckResult]:
-    @functools.cache
-    def check() -> CheckResult:
-        btf = vmlinux_btf()
-        if btf is None:
-            return CheckResult(Verdict.UNSUPPORTED, "the kernel exposes no BTF")
-        if not btf.has(function, libbpf.BTF_KIND_FUNC):
-            return CheckResult(Verdict.UNSUPPORTED, f"no BTF for function {function}")
-        # whether trampolines are allowed is only known by loading one
-        return CheckResult(Verdict.INCONCLUSIVE, "trampolines are decided at load")
+    # whether trampolines are allowed is only known by loading one
+    return _btf_type(function, libbpf.BTF_KIND_FUNC, f"no BTF for function {function}",
+                     CheckResult(Verdict.INCONCLUSIVE, "trampolines are decided at load"))
 
-    return check
+
+def iterator(target: str) -> Callable[[], CheckResult]:
+    return _btf_type(f"bpf_iter__{target}", libbpf.BTF_KIND_STRUCT, f"no BPF iterator {target} in this kernel")
 
 
 def kprobe(function: str) -> Callable[[], CheckResult]:
@@ -148,19 +150,6 @@ def kprobe(function: str) -> Callable[[], CheckResult]:
         symbols = _kallsyms()
         if symbols and function not in symbols:
             return CheckResult(Verdict.UNSUPPORTED, f"no kernel function {function}")
-        return SUPPORTED
-
-    return check
-
-
-def iterator(target: str) -> Callable[[], CheckResult]:
-    @functools.cache
-    def check() -> CheckResult:
-        btf = vmlinux_btf()
-        if btf is None:
-            return CheckResult(Verdict.UNSUPPORTED, "the kernel exposes no BTF")
-        if not btf.has(f"bpf_iter__{target}", libbpf.BTF_KIND_STRUCT):
-            return CheckResult(Verdict.UNSUPPORTED, f"no BPF iterator {target} in this kernel")
         return SUPPORTED
 
     return check

@@ -34,13 +34,19 @@ def test_without_bpf_capabilities_it_says_so(tmp_path):
     assert not list(tmp_path.iterdir())
 
 
+def tmpfs(target: Path, options: str):
+    """A small tmpfs the test mounts and unmounts: a read-only or a full disk."""
+    target.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", options, "ktrace-test", str(target)], check=True)
+    try:
+        yield target
+    finally:
+        subprocess.run(["umount", str(target)], check=True)
+
+
 @pytest.fixture
 def read_only_dir(tmp_path: Path):
-    target = tmp_path / "ro"
-    target.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "ktrace-test", str(target)], check=True)
-    yield target
-    subprocess.run(["umount", str(target)], check=True)
+    yield from tmpfs(tmp_path / "ro", "ro,size=1m")
 
 
 def test_unwritable_out_dir_fails_before_probing(read_only_dir):
@@ -57,11 +63,7 @@ def test_out_dir_that_is_a_file(tmp_path):
 
 @pytest.fixture
 def full_disk(tmp_path: Path):
-    target = tmp_path / "full"
-    target.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "ktrace-test", str(target)], check=True)
-    yield target
-    subprocess.run(["umount", str(target)], check=True)
+    yield from tmpfs(tmp_path / "full", "size=1m")
 
 
 def test_missing_libbpf(tmp_path):

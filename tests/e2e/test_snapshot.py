@@ -163,16 +163,21 @@ def test_ports_filter_writes_only_that_port_and_the_kernel_counts_the_rest(tmp_p
     assert bundle.summary["losses"]["balanced"]
 
 
-def test_max_events_writes_exactly_that_many_and_counts_the_rest_as_capped(tmp_path):
+def record_client_traffic(tmp_path, *args: str, connections: int, duration: str = "3s"):
+    """A snapshot with these flags while kt-client makes this many connections: (bundle, server port)."""
     server = Server(tmp_path)
-    ktrace = Ktrace(tmp_path, "--max-events=50", duration="3s").started()
+    ktrace = Ktrace(tmp_path, *args, duration=duration).started()
     try:
-        assert start_client(server.port, 30, 0, 0, closed_port()).wait(timeout=60) == 0
+        assert start_client(server.port, connections, 0, 0, closed_port()).wait(timeout=120) == 0
         assert ktrace.finish() == 0, ktrace.stderr
-        bundle = ktrace.bundle()
+        return ktrace.bundle(), server.port
     finally:
         ktrace.kill()
         server.stop()
+
+
+def test_max_events_writes_exactly_that_many_and_counts_the_rest_as_capped(tmp_path):
+    bundle, _ = record_client_traffic(tmp_path, "--max-events=50", connections=30)
     assert len(bundle.events) == 50
     total = bundle.summary["losses"]["total"]
     assert total["written"] == 50
@@ -181,35 +186,19 @@ def test_max_events_writes_exactly_that_many_and_counts_the_rest_as_capped(tmp_p
 
 
 def test_max_bytes_is_an_exact_cap(tmp_path):
-    server = Server(tmp_path)
-    ktrace = Ktrace(tmp_path, "--max-bytes=20000", duration="3s").started()
-    try:
-        assert start_client(server.port, 30, 0, 0, closed_port()).wait(timeout=60) == 0
-        assert ktrace.finish() == 0, ktrace.stderr
-        bundle = ktrace.bundle()
-    finally:
-        ktrace.kill()
-        server.stop()
+    bundle, _ = record_client_traffic(tmp_path, "--max-bytes=20000", connections=30)
     size = bundle.paths["events.jsonl"].stat().st_size
     assert 20000 - 1000 < size <= 20000
     assert bundle.summary["losses"]["total"]["capped"] > 0
 
 
 def test_sample_keeps_about_a_tenth_of_the_flows_each_complete(tmp_path):
-    server = Server(tmp_path)
-    ktrace = Ktrace(tmp_path, "--sample=10", duration="6s").started()
     n = 300
-    try:
-        assert start_client(server.port, n, 0, 0, closed_port()).wait(timeout=120) == 0
-        assert ktrace.finish() == 0, ktrace.stderr
-        bundle = ktrace.bundle()
-    finally:
-        ktrace.kill()
-        server.stop()
-    client = list(_client_sockets(bundle, server.port, ktrace_client_pid(bundle)).values())
+    bundle, port = record_client_traffic(tmp_path, "--sample=10", connections=n, duration="6s")
+    client = list(_client_sockets(bundle, port, ktrace_client_pid(bundle)).values())
     # 2n sockets (client and server side); 1 in 10 kept: binomial, 6 standard deviations wide
     kept = len([e for e in bundle.of_type("tcp_state")
-                if e["new_state"] in ("SYN_SENT", "SYN_RECV") and server.port in (e["sport"], e["dport"])])
+                if e["new_state"] in ("SYN_SENT", "SYN_RECV") and port in (e["sport"], e["dport"])])
     assert 2 * n * 0.1 - 45 <= kept <= 2 * n * 0.1 + 45, kept
     for sock in client:
         states = [e["new_state"] for e in sock]

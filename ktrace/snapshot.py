@@ -163,10 +163,10 @@ def run(opts: SnapshotOptions) -> SnapshotResult:
     summary = Summary()
     recorder = _Recorder(decoder, bundle, summary)
     live = opts.status.isatty() and not opts.quiet
-    if opts.ready_file:
-        opts.ready_file.write_text(f"{os.getpid()}\n")
     ended_by = "duration"
     try:
+        if opts.ready_file:
+            opts.ready_file.write_text(f"{os.getpid()}\n")
         with _Stop() as stop:
             deadline = time.monotonic() + opts.duration_s
             next_status = 0.0
@@ -193,6 +193,9 @@ def run(opts: SnapshotOptions) -> SnapshotResult:
             opts.status.write("\n")
         probe_table = [row.as_dict() for row in cap.table]
         maps = cap.map_report
+    except BaseException:
+        bundle.abandon()
+        raise
     finally:
         cap.close()
 

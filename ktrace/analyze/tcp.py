@@ -6,6 +6,7 @@ read back from a saved bundle), so the same rules run online and offline.
 
 from __future__ import annotations
 
+import math
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 
@@ -51,10 +52,11 @@ def _endpoint(addr: str, port: int) -> str:
 
 
 def percentile(sorted_values: list[float], q: float) -> float | None:
+    """Nearest-rank percentile: the smallest value with at least q of the values at or below it."""
     if not sorted_values:
         return None
-    index = min(len(sorted_values) - 1, max(0, round(q * (len(sorted_values) - 1))))
-    return sorted_values[index]
+    rank = math.ceil(q * len(sorted_values))
+    return sorted_values[min(max(rank, 1), len(sorted_values)) - 1]
 
 
 class TcpAnalysis:
@@ -78,9 +80,10 @@ class TcpAnalysis:
             self.retransmits[key].add(event, line)
             self.per_process[_proc(event)]["retransmits"] += 1
         elif kind == "reset":
-            key = (event["pid"] if event["attribution"] != "cpu" else 0,
-                   event["comm"] if event["attribution"] != "cpu" else "",
-                   event["direction"], event["reason"] or "")
+            # a reset with no socket (a closed port) or an unknown owner belongs to no process
+            known = event["attribution"] != "cpu"
+            owner = (event["pid"], event["comm"]) if known else (0, "no socket" if event["sk"] == "0x0" else "")
+            key = (*owner, event["direction"], event["reason"] or "")
             self.resets[key].add(event, line)
 
     def _state(self, event: dict, line: int | None) -> None:
@@ -93,9 +96,10 @@ class TcpAnalysis:
             self.per_process[proc]["accepts"] += 1
         if old == "SYN_SENT":
             handshake = event.get("handshake_ms")
-            if handshake is not None and len(self.handshakes) < MAX_SAMPLES:
-                self.handshakes.append(handshake)
             if new == "ESTABLISHED":
+                # only completed handshakes: a refusal (microseconds) or a timeout (seconds) is no handshake time
+                if handshake is not None and len(self.handshakes) < MAX_SAMPLES:
+                    self.handshakes.append(handshake)
                 self.per_process[proc]["established"] += 1
                 if handshake is not None and handshake >= SLOW_HANDSHAKE_MS:
                     self.slow[(proc[0], proc[1], remote)].add(event, line)
@@ -152,7 +156,8 @@ class TcpAnalysis:
                 for (pid, comm), socks in sorted(close_wait.items(), key=lambda kv: -len(kv[1]))
             ],
             "resets": [
-                {"pid": k[0] or None, "comm": k[1] or None, "direction": k[2], "reason": k[3] or None,
+                {"pid": k[0] or None, "comm": (k[1] or None) if k[0] else None, "direction": k[2],
+                 "reason": k[3] or None,
                  "count": e.count}
                 for k, e in sorted(self.resets.items(), key=lambda kv: -kv[1].count)
             ],
@@ -204,11 +209,12 @@ class TcpAnalysis:
                 "The peer closed but the application never closed its end: a socket/fd leak in that process.",
             ))
         for (pid, comm, direction, reason), e in sorted(self.resets.items(), key=lambda kv: -kv[1].count):
-            who = f"{comm} ({pid})" if pid else "no socket"
+            who = f"{comm} ({pid})" if pid else comm or "unknown process"
             out.append(_finding(
                 "tcp_reset", "info" if e.count < 10 else "warning",
                 f"{who}: {e.count} reset(s) {direction}" + (f", reason {reason}" if reason else ""),
-                {"pid": pid or None, "comm": comm or None, "direction": direction, "reason": reason or None}, e,
+                {"pid": pid or None, "comm": comm if pid else None, "direction": direction,
+                 "reason": reason or None}, e,
                 "NO_SOCKET: a connect to a closed port; TCP_STATE/ABORT_ON_*: an application aborted a connection.",
             ))
         for (pid, comm, remote), e in sorted(self.retransmits.items(), key=lambda kv: -kv[1].count):

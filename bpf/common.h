@@ -21,6 +21,8 @@ enum kt_kind {
 	KT_KIND_CONNECT = 2,
 	KT_KIND_RETRANSMIT = 3,
 	KT_KIND_RESET = 4,
+	KT_KIND_UDP_FLOW = 5,
+	KT_KIND_DNS = 6,
 };
 
 /* Index of a probe family in the loss counters. */
@@ -29,7 +31,9 @@ enum kt_family {
 	KT_FAMILY_CONNECT = 1,
 	KT_FAMILY_RETRANSMIT = 2,
 	KT_FAMILY_RESET = 3,
-	KT_FAMILY_MAX = 4,
+	KT_FAMILY_UDP = 4,
+	KT_FAMILY_DNS = 5,
+	KT_FAMILY_MAX = 6,
 };
 
 /* How the task block of an event was obtained. */
@@ -75,10 +79,11 @@ _Static_assert(sizeof(struct kt_task) == 80, "kt_task layout");
 /* Per-family loss accounting, per CPU, summed in user space. */
 struct kt_counters {
 	__u64 seen;		/* events the hooks saw */
-	__u64 filtered;		/* rejected by the port allowlist */
+	__u64 filtered;		/* rejected by the port allowlist or --dns-only */
 	__u64 sampled_out;	/* rejected by flow sampling */
 	__u64 ringbuf_full;	/* bpf_ringbuf_reserve() failed */
+	__u64 aggregated;	/* folded into a kernel map instead of crossing the ring */
 };
-_Static_assert(sizeof(struct kt_counters) == 32, "kt_counters layout");
+_Static_assert(sizeof(struct kt_counters) == 40, "kt_counters layout");
 
 #endif /* KTRACE_COMMON_H */

@@ -26,8 +26,11 @@ ENUMS = {
     "kt_family": "KT_FAMILY_",
     "kt_attribution": "KT_ATTR_",
     "kt_reset_direction": "KT_RESET_",
+    "kt_direction": "KT_DIR_",
+    "kt_dns_message": "KT_DNS_",
+    "kt_dns_role": "KT_DNS_",
 }
-STRUCTS_ALSO = ("kt_counters",)
+STRUCTS_ALSO = ("kt_counters", "kt_udp_flow_key")
 
 
 def sha256(path: Path) -> str:

@@ -27,13 +27,21 @@ DEFAULT_MAP_SIZES = {
     "sk_owner": 65536,  # sockets remembered with their owner
     "listeners": 4096,  # listening (netns, port) pairs
     "connects": 8192,  # connect() calls in flight
+    "udp_flows": 16384,  # UDP flows counted in the kernel; idle ones are drained when it fills
+    "peers": 4096,  # unconnected UDP sends/receives in flight
 }
+DNS_PORTS = (53,)
+# Drain idle UDP flows from the kernel map once it is this full, so new flows still fit.
+FLOW_DRAIN_FILL = 0.5
+FLOW_IDLE_NS = 2_000_000_000
 
 
 @dataclass
 class CaptureConfig:
     families: tuple[str, ...] = tuple(f.name for f in probes.FAMILIES if f.default)
     ports: tuple[int, ...] = ()
+    dns_ports: tuple[int, ...] = DNS_PORTS
+    dns_only: bool = False
     sample_every: int = 1
     ring_bytes: int = 8 << 20
     wake_bytes: int = 256 << 10
@@ -56,6 +64,11 @@ class Capture:
         self.pending: list[bytes] = []
         self.ring = libbpf.RingBuffer(self._events.fd, self._on_record)
         self.map_report = _map_report(objects)
+        self._flows = self._flows_inserted = None
+        if "udp.bpf.o" in objects:
+            self._flows = objects["udp.bpf.o"].map("udp_flows")
+            self._flows_inserted = objects["udp.bpf.o"].map("udp_flows_inserted")
+        self._flows_deleted = 0
 
     def _on_record(self, data: int, size: int) -> int:
         self.pending.append(ctypes.string_at(data, size))
@@ -72,6 +85,43 @@ class Capture:
         self.ring.consume()
         batch, self.pending = self.pending, []
         return batch
+
+    def flows(self, idle_before_ns: int | None = None) -> list[bytes]:
+        """Records of the UDP flows counted in the kernel.
+
+        With idle_before_ns, only flows with no datagram since then, and they are
+        deleted from the map (their next datagram starts a new entry, which user
+        space adds to the same flow). Without it, every flow, left in place.
+        """
+        if self._flows is None:
+            return []
+        out = []
+        last = {f.name: f.offset for f in generated.UDP_FLOW_EVENT.fields}["last_ns"]
+        for key in list(self._flows.keys()):
+            value = self._flows.lookup(key)
+            if value is None:
+                continue
+            if idle_before_ns is not None:
+                if int.from_bytes(value[last:last + 8], "little") >= idle_before_ns:
+                    continue
+                if self._flows.delete(key):
+                    self._flows_deleted += 1
+            out.append(value)
+        return out
+
+    def flows_fill(self) -> float:
+        """How full the kernel's flow map is, from 0 to 1."""
+        if self._flows is None:
+            return 0.0
+        raw = self._flows_inserted.lookup(b"\0\0\0\0")
+        inserted = int.from_bytes(raw, "little") if raw else 0
+        return (inserted - self._flows_deleted) / max(self._flows.max_entries, 1)
+
+    def drain_idle_flows(self, now_ns: int) -> list[bytes]:
+        """Idle flows, taken out of a kernel map that is filling up; nothing while it has room."""
+        if self.flows_fill() < FLOW_DRAIN_FILL:
+            return []
+        return self.flows(idle_before_ns=now_ns - FLOW_IDLE_NS)
 
     def detach(self) -> None:
         for link in self.links:
@@ -125,12 +175,21 @@ def _selected(config: CaptureConfig) -> list[probes.Family]:
 def _configure(obj: libbpf.BpfObject, config: CaptureConfig, shared: dict[str, int], enabled: set[str]) -> None:
     for prog in obj.programs():
         prog.set_autoload(prog.name in enabled)
-    obj.set_rodata({
+    settings = {
         "kt_self_tgid": config.self_tgid,
         "kt_sample_every": max(config.sample_every, 1),
         "kt_filter_ports": 1 if config.ports else 0,
         "kt_wake_bytes": config.wake_bytes,
-    })
+    }
+    # settings of one object only
+    own = {
+        "kt_want_udp": "udp" in config.families,
+        "kt_want_dns": "dns" in config.families,
+        "kt_dns_only": config.dns_only,
+    }
+    present = obj.rodata_variables()
+    settings.update({name: int(value) for name, value in own.items() if name in present})
+    obj.set_rodata(settings)
     obj.map("events").set_max_entries(config.ring_bytes)
     for name, size in config.map_sizes.items():
         try:
@@ -142,10 +201,20 @@ def _configure(obj: libbpf.BpfObject, config: CaptureConfig, shared: dict[str, i
         obj.map(name).reuse_fd(fd)
 
 
-def _fill_ports(obj: libbpf.BpfObject, ports: tuple[int, ...]) -> None:
-    m = obj.map("ports")
+def _fill_ports(m: libbpf.Map, ports: tuple[int, ...]) -> None:
     for port in ports:
         m.update(port.to_bytes(2, "little"), b"\x01")
+
+
+def _attach_cgroup(prog: libbpf.Program) -> libbpf.Link:
+    root = probes.cgroup2_root()
+    if root is None:
+        raise BpfError(f"{prog.name}: no cgroup2 hierarchy to attach to", program=prog.name)
+    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        return prog.attach_cgroup(fd)
+    finally:
+        os.close(fd)
 
 
 def load(config: CaptureConfig) -> Capture:
@@ -222,7 +291,9 @@ def _load_and_attach(by_object: dict[str, set[str]], config: CaptureConfig,
             obj.load()
             if not shared:
                 shared = {name: obj.map(name).fd for name in SHARED_MAPS}
-                _fill_ports(obj, config.ports)
+                _fill_ports(obj.map("ports"), config.ports)
+            if obj_name == "udp.bpf.o":
+                _fill_ports(obj.map("dns_ports"), config.dns_ports)
         iterators = []
         for obj_name, programs in by_object.items():
             for prog in objects[obj_name].programs():
@@ -230,6 +301,8 @@ def _load_and_attach(by_object: dict[str, set[str]], config: CaptureConfig,
                     continue
                 if prog.section.startswith("iter/"):
                     iterators.append(prog)
+                elif prog.section.startswith("cgroup/"):
+                    links.append(_attach_cgroup(prog))
                 else:
                     links.append(prog.attach())
         # iterators see the state before the window; the probes attached above keep it current from here on

@@ -53,6 +53,9 @@ class Size(click.ParamType):
 class PortList(click.ParamType):
     name = "ports"
 
+    def __init__(self, limit: int = 64) -> None:
+        self.limit = limit
+
     def convert(self, value: object, param: click.Parameter | None, ctx: click.Context | None) -> tuple[int, ...]:
         if isinstance(value, tuple):
             return value
@@ -62,8 +65,8 @@ class PortList(click.ParamType):
             if not part.isdigit() or not 1 <= int(part) <= 65535:
                 self.fail(f"{part!r} is not a port (1-65535)", param, ctx)
             ports.append(int(part))
-        if len(ports) > 64:
-            self.fail("at most 64 ports", param, ctx)
+        if len(ports) > self.limit:
+            self.fail(f"at most {self.limit} ports", param, ctx)
         return tuple(sorted(set(ports)))
 
 
@@ -108,6 +111,7 @@ def cli() -> None:
     \b
     Examples:
       sudo ktrace --duration=60s --out-dir=/var/tmp/ktrace
+      sudo ktrace --duration=60s --dns-only
       sudo ktrace --duration=90s --ports=80,443,6443
       sudo ktrace doctor
     """
@@ -121,6 +125,13 @@ def cli() -> None:
 @click.option("--node", default=None, help="Node name in file names. [default: $NODE_NAME, then the hostname]")
 @click.option("--ports", type=PortList(), default=None,
               help="Only flows with one of these ports (comma-separated), filtered in the kernel.")
+@click.option("--dns-only", is_flag=True,
+              help="Only DNS: DNS messages, and TCP and UDP flows on --dns-ports. The rest is filtered in the kernel "
+                   "and counted.")
+@click.option("--dns-ports", type=PortList(limit=16), default="53", show_default=True,
+              help="Ports whose traffic is DNS (comma-separated, at most 16).")
+@click.option("--dns-timeout", type=Duration(), default="2s", show_default=True,
+              help="A DNS query with no reply after this long is reported as dns_timeout.")
 @click.option("--sample", type=click.IntRange(min=1), default=1, show_default=True,
               help="Keep 1 flow in N, decided in the kernel per socket; a kept flow keeps all its events.")
 @click.option("--max-events", type=click.IntRange(min=0), default=None,
@@ -137,10 +148,11 @@ def cli() -> None:
               help="Create this file once the probes are attached (for scripts that start traffic after).")
 @click.option("--verbose", "-v", count=True, help="More detail; -vv adds libbpf's and the verifier's log.")
 @click.option("--quiet", "-q", is_flag=True, help="Only errors.")
-def snapshot(duration: float, out_dir: Path, node: str | None, ports: tuple[int, ...] | None, sample: int,
-             max_events: int | None, max_bytes: int | None, families: tuple[str, ...] | None,
-             with_connect_latency: bool, ring_size: int, ready_file: Path | None, verbose: int, quiet: bool) -> int:
-    """Record TCP activity for a fixed window and write a bundle.
+def snapshot(duration: float, out_dir: Path, node: str | None, ports: tuple[int, ...] | None, dns_only: bool,
+             dns_ports: tuple[int, ...], dns_timeout: float, sample: int, max_events: int | None,
+             max_bytes: int | None, families: tuple[str, ...] | None, with_connect_latency: bool, ring_size: int,
+             ready_file: Path | None, verbose: int, quiet: bool) -> int:
+    """Record TCP, UDP and DNS activity for a fixed window and write a bundle.
 
     \b
     Writes four files to --out-dir:
@@ -152,6 +164,7 @@ def snapshot(duration: float, out_dir: Path, node: str | None, ports: tuple[int,
     \b
     Examples:
       sudo ktrace --duration=10s --out-dir=./out
+      sudo ktrace --duration=60s --dns-only
       sudo ktrace --duration=2m --ports=443,6443 --sample 10
       sudo ktrace --duration=60s --max-events=100000
     """
@@ -164,9 +177,14 @@ def snapshot(duration: float, out_dir: Path, node: str | None, ports: tuple[int,
     selected = families or tuple(f.name for f in probes.FAMILIES if f.default)
     if not with_connect_latency:
         selected = tuple(f for f in selected if f != "connect")
+    if dns_only and ports:
+        raise click.BadParameter("--dns-only filters on --dns-ports; leave --ports out", param_hint="--ports")
+    if dns_only:
+        selected += tuple(f for f in ("dns", "udp_peers") if f not in selected)
     opts = SnapshotOptions(duration_s=duration, out_dir=out_dir, node=node or "", ports=ports or (),
-                           sample=sample, max_events=max_events, max_bytes=max_bytes, families=selected,
-                           ring_bytes=ring, quiet=quiet, ready_file=ready_file)
+                           dns_ports=dns_ports, dns_only=dns_only, dns_timeout_s=dns_timeout, sample=sample,
+                           max_events=max_events, max_bytes=max_bytes, families=selected, ring_bytes=ring,
+                           quiet=quiet, ready_file=ready_file)
     result = run(opts)
     if not quiet:
         s = result.summary

@@ -354,6 +354,16 @@ class Map:
             err = _errno()
             raise BpfError(f"map {self.name}: update failed ({strerror(err)})", err)
 
+    def delete(self, key: bytes) -> bool:
+        """Delete one entry; False if it was not there."""
+        kbuf = ctypes.create_string_buffer(key, len(key))
+        if library().bpf_map_delete_elem(self.fd, kbuf):
+            err = _errno()
+            if err == errno_mod.ENOENT:
+                return False
+            raise BpfError(f"map {self.name}: delete failed ({strerror(err)})", err)
+        return True
+
     def keys(self) -> Iterator[bytes]:
         lib = library()
         size = self.key_size
@@ -420,6 +430,9 @@ class BpfObject:
         if not ptr:
             raise BpfError(f"{self.name} has no BTF")
         return Btf(ptr, owned=False)
+
+    def rodata_variables(self) -> set[str]:
+        return set(self.btf().datasec(".rodata"))
 
     def set_rodata(self, values: dict[str, int]) -> None:
         """Write `const volatile` globals by name, before load."""

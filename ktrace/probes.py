@@ -155,6 +155,29 @@ def kprobe(function: str) -> Callable[[], CheckResult]:
     return check
 
 
+def cgroup2_root() -> Path | None:
+    """Where the cgroup2 hierarchy is mounted (/sys/fs/cgroup, or /sys/fs/cgroup/unified on hybrid hosts)."""
+    try:
+        mounts = Path("/proc/self/mounts").read_text().splitlines()
+    except OSError:
+        return None
+    roots = [Path(line.split()[1]) for line in mounts if len(line.split()) > 2 and line.split()[2] == "cgroup2"]
+    # the shortest path is the hierarchy's root; nested mounts (containers) come later
+    return min(roots, key=lambda p: len(p.parts)) if roots else None
+
+
+def cgroup_hook(attach: str) -> Callable[[], CheckResult]:
+    """cgroup sock_addr programs, attached to the cgroup2 root so they see every process."""
+
+    @functools.cache
+    def check() -> CheckResult:
+        if cgroup2_root() is None:
+            return CheckResult(Verdict.UNSUPPORTED, "no cgroup2 hierarchy is mounted")
+        return _btf_type("bpf_sock_addr", libbpf.BTF_KIND_STRUCT, f"no cgroup/{attach} hook in this kernel")()
+
+    return check
+
+
 def all_of(*checks: Callable[[], CheckResult]) -> Callable[[], CheckResult]:
     def check() -> CheckResult:
         results = [c() for c in checks]
@@ -224,6 +247,38 @@ FAMILIES: tuple[Family, ...] = (
             Hook("tracepoint/tcp/tcp_{send,receive}_reset", ("kt_rst_send_tp", "kt_rst_recv_tp"),
                  all_of(tracepoint("tcp", "tcp_send_reset"), tracepoint("tcp", "tcp_receive_reset")), "5.5"),
         ),
+    ),
+)
+
+# udp and dns share their hooks: the programs look at rodata flags to know which of the two are on.
+UDP_DNS_CHAIN = (
+    Hook("tp_btf/sock_{send,recv}_length", ("kt_udp_send_btf", "kt_udp_recv_btf"),
+         all_of(tp_btf("sock_send_length"), tp_btf("sock_recv_length")), "6.3"),
+    Hook("tracepoint/sock/sock_{send,recv}_length", ("kt_udp_send_tp", "kt_udp_recv_tp"),
+         all_of(tracepoint("sock", "sock_send_length"), tracepoint("sock", "sock_recv_length")), "6.3"),
+)
+
+FAMILIES += (
+    Family(
+        "udp",
+        "udp.bpf.o",
+        description="UDP flows: datagrams and bytes per direction and process, counted in the kernel",
+        chain=UDP_DNS_CHAIN,
+    ),
+    Family(
+        "udp_peers",
+        "udp.bpf.o",
+        description="the remote address of datagrams on unconnected UDP sockets (sendto, recvfrom)",
+        chain=(
+            Hook("cgroup/{sendmsg,recvmsg}{4,6}", ("kt_peer_send4", "kt_peer_send6", "kt_peer_recv4",
+                                                   "kt_peer_recv6"), cgroup_hook("recvmsg4"), "5.2"),
+        ),
+    ),
+    Family(
+        "dns",
+        "udp.bpf.o",
+        description="DNS queries and replies (UDP and TCP) to and from --dns-ports, paired with their replies",
+        chain=UDP_DNS_CHAIN,
     ),
 )
 

@@ -21,12 +21,15 @@ from ktrace.analyze.summary import LOSS_KINDS, Summary
 from ktrace.bundle import Bundle, check_out_dir
 from ktrace.errors import ExitStatus, NoBTF, NotPrivileged
 from ktrace.events import generated
-from ktrace.events.decode import SCHEMA_VERSION, Decoder, kernel_reset_reasons
+from ktrace.events.decode import SCHEMA_VERSION, Decoder, family_and_weight, kernel_reset_reasons
+from ktrace.events.dns import DnsPairer
+from ktrace.events.flows import UdpFlows
 
 # Linux capability numbers (include/uapi/linux/capability.h)
 CAP_SYS_ADMIN, CAP_PERFMON, CAP_BPF = 21, 38, 39
 POLL_MS = 50  # the reader's timer; the kernel also wakes it when 256 KiB are waiting
 STATUS_EVERY_S = 0.5
+FLOW_CHECK_S = 1.0  # how often the kernel's UDP flow map is checked for room
 
 
 @dataclass
@@ -35,6 +38,9 @@ class SnapshotOptions:
     out_dir: Path = Path(".")
     node: str = ""
     ports: tuple[int, ...] = ()
+    dns_ports: tuple[int, ...] = capture.DNS_PORTS
+    dns_only: bool = False
+    dns_timeout_s: float = 2.0
     sample: int = 1
     max_events: int | None = None
     max_bytes: int | None = None
@@ -48,7 +54,8 @@ class SnapshotOptions:
         """The options as recorded in node.json and summary.json."""
         return {
             "duration_s": self.duration_s, "out_dir": str(self.out_dir), "node": self.node,
-            "ports": list(self.ports), "sample": self.sample, "max_events": self.max_events,
+            "ports": list(self.ports), "dns_ports": list(self.dns_ports), "dns_only": self.dns_only,
+            "dns_timeout_s": self.dns_timeout_s, "sample": self.sample, "max_events": self.max_events,
             "max_bytes": self.max_bytes, "probes": list(self.families), "ring_bytes": self.ring_bytes,
         }
 
@@ -105,35 +112,62 @@ class _Stop:
 
 
 class _Recorder:
-    """Decode → summarize → write, for every record of the window."""
+    """Decode → pair and merge → summarize → write, for every record of the window."""
 
-    def __init__(self, decoder: Decoder, bundle: Bundle, summary: Summary) -> None:
+    def __init__(self, decoder: Decoder, bundle: Bundle, summary: Summary, dns_timeout_ns: int) -> None:
         self.decoder = decoder
         self.bundle = bundle
         self.summary = summary
-        self.written: Counter[str] = Counter()
+        self.written: Counter[str] = Counter()  # kernel events written, per family
         self.capped: Counter[str] = Counter()
+        self.lines: Counter[str] = Counter()  # lines written or capped, per event type
         self.undecodable = 0
+        self.dns = DnsPairer(self.write_event, dns_timeout_ns, decoder.wall_time)
+        self.flows = UdpFlows()
+
+    def _account(self, event: dict, number: int | None) -> None:
+        family, weight = family_and_weight(event)
+        self.lines[event["type"]] += 1
+        if family is not None:
+            (self.capped if number is None else self.written)[family] += weight
+        self.summary.add(event, number)
+
+    def write_event(self, event: dict) -> int | None:
+        number = self.bundle.write_line(orjson.dumps(event, option=orjson.OPT_APPEND_NEWLINE))
+        self._account(event, number)
+        return number
 
     def records(self, batch: list[bytes]) -> None:
-        decode, write, add = self.decoder.decode, self.bundle.write_line, self.summary.add
-        written, capped = self.written, self.capped
+        decode, write, account = self.decoder.decode, self.bundle.write_line, self._account
         for record in batch:
             decoded = decode(record)
             if decoded is None:
                 self.undecodable += 1
                 continue
             event, line = decoded
-            number = write(line)
-            if number is None:
-                capped[event["type"]] += 1
+            kind = event["type"]
+            if kind == "udp_flow":
+                self.add_flow(event)
+            elif kind == "dns_query" or kind == "dns_reply":
+                self.dns.add(event)
             else:
-                written[event["type"]] += 1
-            add(event, number)
+                account(event, write(line))
+
+    def add_flow(self, event: dict) -> None:
+        self.flows.add(event)
+        if self.flows.full:
+            self.write_flows()
+
+    def write_flows(self) -> None:
+        for flow in self.flows.take():
+            self.write_event(flow)
+
+    def tick(self, now_boot_ns: int) -> None:
+        self.dns.expire(now_boot_ns)
 
     @property
     def events(self) -> int:
-        return sum(self.written.values()) + sum(self.capped.values())
+        return sum(self.lines.values())
 
 
 def _status_line(stream: TextIO, left: float, recorder: _Recorder, lost: int) -> None:
@@ -148,8 +182,10 @@ def run(opts: SnapshotOptions) -> SnapshotResult:
     check_out_dir(opts.out_dir)
     node_name = node.node_name(opts.node)
 
-    config = capture.CaptureConfig(families=opts.families, ports=opts.ports, sample_every=opts.sample,
-                                   ring_bytes=opts.ring_bytes)
+    # --dns-only keeps TCP and UDP flows on DNS ports only, filtered in the kernel like --ports
+    ports = opts.dns_ports if opts.dns_only else opts.ports
+    config = capture.CaptureConfig(families=opts.families, ports=ports, dns_ports=opts.dns_ports,
+                                   dns_only=opts.dns_only, sample_every=opts.sample, ring_bytes=opts.ring_bytes)
     cap = capture.load(config)
     warnings = [f"{row.family}: no working probe ({row.reason})" for row in cap.table if row.status != "ok"]
     for warning in warnings:
@@ -160,7 +196,7 @@ def run(opts: SnapshotOptions) -> SnapshotResult:
     bundle = Bundle(opts.out_dir, node_name, started, opts.max_events, opts.max_bytes)
     decoder = Decoder(offset_start, kernel_reset_reasons(probes.vmlinux_btf()))
     summary = Summary()
-    recorder = _Recorder(decoder, bundle, summary)
+    recorder = _Recorder(decoder, bundle, summary, int(opts.dns_timeout_s * 1e9))
     live = opts.status.isatty() and not opts.quiet
     ended_by = "duration"
     try:
@@ -168,7 +204,7 @@ def run(opts: SnapshotOptions) -> SnapshotResult:
             opts.ready_file.write_text(f"{os.getpid()}\n")
         with _Stop() as stop:
             deadline = time.monotonic() + opts.duration_s
-            next_status = 0.0
+            next_status = next_flow_check = 0.0
             while True:
                 now = time.monotonic()
                 if stop.signal:
@@ -177,6 +213,12 @@ def run(opts: SnapshotOptions) -> SnapshotResult:
                 if now >= deadline:
                     break
                 recorder.records(cap.poll(int(min(POLL_MS, (deadline - now) * 1000)) or 1))
+                boot_now = time.clock_gettime_ns(time.CLOCK_BOOTTIME)
+                recorder.tick(boot_now)
+                if now >= next_flow_check:
+                    for raw in cap.drain_idle_flows(boot_now):
+                        recorder.records([raw])
+                    next_flow_check = now + FLOW_CHECK_S
                 if live and now >= next_status:
                     kernel_lost = sum(c["ringbuf_full"] for c in cap.counters().values())
                     _status_line(opts.status, deadline - now, recorder, kernel_lost + recorder.undecodable)
@@ -188,6 +230,9 @@ def run(opts: SnapshotOptions) -> SnapshotResult:
             recorder.records(cap.drain())
             counters = cap.counters()
             recorder.records(cap.drain())
+            recorder.records(cap.flows())
+            recorder.write_flows()
+            recorder.dns.expire(time.clock_gettime_ns(time.CLOCK_BOOTTIME), window_end=True)
         if live:
             opts.status.write("\n")
         probe_table = [row.as_dict() for row in cap.table]
@@ -201,7 +246,7 @@ def run(opts: SnapshotOptions) -> SnapshotResult:
     events_file = bundle.close_events()
     written, disk_full = recorder.written, Counter()
     if bundle.truncated:
-        written = _count_types(bundle.paths["events.jsonl"])
+        written = _count_families(bundle.paths["events.jsonl"])
         disk_full = recorder.written - written
     losses = {}
     for family in generated.FAMILY.values():
@@ -212,12 +257,13 @@ def run(opts: SnapshotOptions) -> SnapshotResult:
             "filtered": k.get("filtered", 0),
             "sampled_out": k.get("sampled_out", 0),
             "ringbuf_full": k.get("ringbuf_full", 0),
+            "aggregated": k.get("aggregated", 0),
             "capped": recorder.capped[family],
             "disk_full": disk_full[family],
             "undecodable": 0,
         }
     if recorder.undecodable:
-        losses.setdefault("unknown", dict.fromkeys(("seen", "written", *LOSS_KINDS), 0))
+        losses.setdefault("unknown", dict.fromkeys(("seen", "written", "aggregated", *LOSS_KINDS), 0))
         losses["unknown"]["undecodable"] = recorder.undecodable
         losses["unknown"]["seen"] = recorder.undecodable
 
@@ -258,7 +304,12 @@ def _rfc3339(t: float) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t)) + f".{int(t * 1000) % 1000:03d}Z"
 
 
-def _count_types(path: Path) -> Counter:
-    """Events per type in an events.jsonl that a full disk cut short (every line kept is whole)."""
+def _count_families(path: Path) -> Counter:
+    """Kernel events per family in an events.jsonl that a full disk cut short (every line kept is whole)."""
+    counts: Counter[str] = Counter()
     with open(path, "rb") as f:
-        return Counter(orjson.loads(line)["type"] for line in f)
+        for line in f:
+            family, weight = family_and_weight(orjson.loads(line))
+            if family is not None:
+                counts[family] += weight
+    return counts

@@ -42,15 +42,31 @@ def _comm(raw: bytes) -> str:
 TASK_FIELDS = ("task.tgid", "task.pid", "task.ppid", "task.comm", "task.uid", "task.gid", "task.cgroup_id",
                "task.memcg_id", "task.netns", "task.mntns", "task.pidns", "task.userns", "task.seccomp_mode",
                "task.cap_effective")
-FLOW_FIELDS = ("family", "saddr", "sport", "daddr", "dport", "skaddr")
+# Kinds with a socket tuple have these fields; they are formatted the same way for every kind.
+FLOW_FIELDS = ("family", "saddr", "sport", "daddr", "dport")
 # The fields each kind's formatter reads, in the order it unpacks them.
 KIND_FIELDS = {
-    "tcp_state": ("oldstate", "newstate", "handshake_ns", "sk_err"),
-    "connect": ("protocol", "fd", "ret", "duration_ns"),
-    "retransmit": ("state", "total_retrans", "snd_cwnd", "srtt_us", "err"),
-    "reset": ("direction", "state", "reason"),
+    "tcp_state": ("skaddr", "oldstate", "newstate", "handshake_ns", "sk_err"),
+    "connect": ("skaddr", "protocol", "fd", "ret", "duration_ns"),
+    "retransmit": ("skaddr", "state", "total_retrans", "snd_cwnd", "srtt_us", "err"),
+    "reset": ("skaddr", "direction", "state", "reason"),
+    "udp_flow": ("direction", "netns", "packets", "bytes", "errors", "last_error", "last_ns"),
+    "dns": ("skaddr", "netns", "protocol", "message", "role", "ret"),
+}
+# The probe family an event type is counted against in the loss table; user-space types have none.
+FAMILY_OF_TYPE = {
+    "tcp_state": "tcp_state", "connect": "connect", "retransmit": "retransmit", "reset": "reset",
+    "udp_flow": "udp", "dns_query": "dns", "dns_reply": "dns",
 }
 _TASK_BLOCK = slice(16, 96)  # struct kt_task inside every record, after struct kt_hdr
+
+
+def family_and_weight(event: dict) -> tuple[str | None, int]:
+    """The family an event is counted against, and how many kernel events it stands for."""
+    kind = event["type"]
+    if kind == "udp_flow":
+        return "udp", event["packets"] + event["errors"]
+    return FAMILY_OF_TYPE.get(kind), 1
 
 
 class _Kind:
@@ -60,7 +76,8 @@ class _Kind:
                  "format")
 
     def __init__(self, name: str, layout: generated.Layout, fmt: Callable) -> None:
-        own = ("hdr.ts_ns", "hdr.cpu", *FLOW_FIELDS, *KIND_FIELDS[name])
+        has_flow = "saddr" in layout.names
+        own = ("hdr.ts_ns", "hdr.cpu", *(FLOW_FIELDS if has_flow else ()), *KIND_FIELDS[name])
         if "attribution" in layout.names:
             own += ("attribution",)
         self.struct = layout.subset(own)
@@ -73,7 +90,7 @@ class _Kind:
         self.ts, self.cpu = index["hdr.ts_ns"], index["hdr.cpu"]
         self.attribution = index.get("attribution")
         self.task = operator.itemgetter(*(task_read.index(f) for f in TASK_FIELDS))
-        self.flow = operator.itemgetter(*(index[f] for f in FLOW_FIELDS))
+        self.flow = operator.itemgetter(*(index[f] for f in FLOW_FIELDS)) if has_flow else None
         self.fields = operator.itemgetter(*(index[f] for f in KIND_FIELDS[name]))
         self.format = fmt
 
@@ -148,51 +165,82 @@ class Decoder:
         task, task_json = cached
         ts = v[k.ts]
         when = self.wall_time(ts)
-        family, saddr, sport, daddr, dport, skaddr = k.flow(v)
-        specific = {
-            "family": ADDRESS_FAMILIES.get(family, str(family)),
-            "saddr": self.addr(family, saddr), "sport": sport,
-            "daddr": self.addr(family, daddr), "dport": dport,
-            "sk": f"{skaddr:#x}",
-        }
-        k.format(specific, k.fields(v))
-        event = {"type": k.name, "time": when, "ts_ns": ts, "cpu": v[k.cpu], **task, **specific}
+        specific: dict = {}
+        if k.flow is not None:
+            family, saddr, sport, daddr, dport = k.flow(v)
+            specific["family"] = ADDRESS_FAMILIES.get(family, str(family))
+            specific["saddr"] = self.addr(family, saddr)
+            specific["sport"] = sport
+            specific["daddr"] = self.addr(family, daddr)
+            specific["dport"] = dport
+        kind = k.format(specific, k.fields(v))
+        event = {"type": kind, "time": when, "ts_ns": ts, "cpu": v[k.cpu], **task, **specific}
         line = b'{"type":"%s","time":"%s","ts_ns":%d,"cpu":%d,%s,%s\n' % (
-            k.name.encode(), when.encode(), ts, v[k.cpu], task_json, orjson.dumps(specific)[1:])
+            kind.encode(), when.encode(), ts, v[k.cpu], task_json, orjson.dumps(specific)[1:])
         return event, line
 
-    # --- one formatter per kind, _fmt_<kind name>: adds the kind's own fields ---
+    # --- one formatter per kind, _fmt_<kind name>: adds the kind's own fields, returns the event type ---
 
-    def _fmt_tcp_state(self, event: dict, f: tuple) -> None:
-        oldstate, newstate, handshake_ns, sk_err = f
+    def _fmt_tcp_state(self, event: dict, f: tuple) -> str:
+        skaddr, oldstate, newstate, handshake_ns, sk_err = f
+        event["sk"] = f"{skaddr:#x}"
         event["old_state"] = TCP_STATES.get(oldstate, str(oldstate))
         event["new_state"] = TCP_STATES.get(newstate, str(newstate))
         if oldstate == 2 and handshake_ns:
             event["handshake_ms"] = round(handshake_ns / 1e6, 3)
         if sk_err:
             event["error"] = errno_name(sk_err)
+        return "tcp_state"
 
-    def _fmt_connect(self, event: dict, f: tuple) -> None:
-        protocol, fd, ret, duration_ns = f
+    def _fmt_connect(self, event: dict, f: tuple) -> str:
+        skaddr, protocol, fd, ret, duration_ns = f
+        event["sk"] = f"{skaddr:#x}"
         event["protocol"] = PROTOCOLS.get(protocol, str(protocol))
         event["fd"] = fd
         event["ret"] = ret
         event["errno"] = errno_name(ret) if ret < 0 else None
         event["duration_ms"] = round(duration_ns / 1e6, 3)
+        return "connect"
 
-    def _fmt_retransmit(self, event: dict, f: tuple) -> None:
-        state, total_retrans, snd_cwnd, srtt_us, err = f
+    def _fmt_retransmit(self, event: dict, f: tuple) -> str:
+        skaddr, state, total_retrans, snd_cwnd, srtt_us, err = f
+        event["sk"] = f"{skaddr:#x}"
         event["state"] = TCP_STATES.get(state, str(state))
         event["total_retrans"] = total_retrans
         event["snd_cwnd"] = snd_cwnd
         event["srtt_us"] = srtt_us
         event["err"] = err
+        return "retransmit"
 
-    def _fmt_reset(self, event: dict, f: tuple) -> None:
-        direction, state, reason = f
+    def _fmt_reset(self, event: dict, f: tuple) -> str:
+        skaddr, direction, state, reason = f
+        event["sk"] = f"{skaddr:#x}"
         event["direction"] = generated.RESET_DIRECTION.get(direction, str(direction))
         event["state"] = TCP_STATES.get(state) if state else None
         event["reason"] = self.reset_reasons.get(reason, str(reason)) if direction == 1 else None
+        return "reset"
+
+    def _fmt_udp_flow(self, event: dict, f: tuple) -> str:
+        direction, netns, packets, nbytes, errors, last_error, last_ns = f
+        event["direction"] = generated.DIRECTION.get(direction, str(direction))
+        event["netns_sk"] = netns
+        event["packets"] = packets
+        event["bytes"] = nbytes
+        event["errors"] = errors
+        event["last_error"] = errno_name(last_error)
+        event["last_time"] = self.wall_time(last_ns)
+        event["last_ts_ns"] = last_ns
+        return "udp_flow"
+
+    def _fmt_dns(self, event: dict, f: tuple) -> str:
+        skaddr, netns, protocol, message, role, ret = f
+        event["sk"] = f"{skaddr:#x}"
+        event["netns_sk"] = netns
+        event["protocol"] = PROTOCOLS.get(protocol, str(protocol))
+        event["role"] = generated.DNS_ROLE.get(role, str(role))
+        event["bytes"] = ret if ret >= 0 else None
+        event["error"] = errno_name(ret) if ret < 0 else None
+        return "dns_query" if message == 1 else "dns_reply"
 
 
 def kernel_reset_reasons(btf: object | None) -> dict[int, str]:

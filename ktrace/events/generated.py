@@ -8,6 +8,8 @@ KIND = {
     2: 'connect',
     3: 'retransmit',
     4: 'reset',
+    5: 'udp_flow',
+    6: 'dns',
 }
 
 FAMILY = {
@@ -15,6 +17,8 @@ FAMILY = {
     1: 'connect',
     2: 'retransmit',
     3: 'reset',
+    4: 'udp',
+    5: 'dns',
 }
 
 ATTRIBUTION = {
@@ -27,6 +31,21 @@ ATTRIBUTION = {
 RESET_DIRECTION = {
     1: 'sent',
     2: 'received',
+}
+
+DIRECTION = {
+    1: 'egress',
+    2: 'ingress',
+}
+
+DNS_MESSAGE = {
+    1: 'query',
+    2: 'reply',
+}
+
+DNS_ROLE = {
+    1: 'client',
+    2: 'server',
 }
 
 TCP_STATE_EVENT = Layout(
@@ -174,12 +193,101 @@ RESET_EVENT = Layout(
 
 COUNTERS = Layout(
     'kt_counters',
-    32,
+    40,
     (
         Field('seen', 0, 'Q', '__u64'),
         Field('filtered', 8, 'Q', '__u64'),
         Field('sampled_out', 16, 'Q', '__u64'),
         Field('ringbuf_full', 24, 'Q', '__u64'),
+        Field('aggregated', 32, 'Q', '__u64'),
+    ),
+)
+
+UDP_FLOW_EVENT = Layout(
+    'kt_udp_flow_event',
+    176,
+    (
+        Field('hdr.ts_ns', 0, 'Q', '__u64'),
+        Field('hdr.kind', 8, 'H', '__u16'),
+        Field('hdr.size', 10, 'H', '__u16'),
+        Field('hdr.cpu', 12, 'I', '__u32'),
+        Field('task.cgroup_id', 16, 'Q', '__u64'),
+        Field('task.memcg_id', 24, 'Q', '__u64'),
+        Field('task.cap_effective', 32, 'Q', '__u64'),
+        Field('task.pid', 40, 'I', '__u32'),
+        Field('task.tgid', 44, 'I', '__u32'),
+        Field('task.ppid', 48, 'I', '__u32'),
+        Field('task.uid', 52, 'I', '__u32'),
+        Field('task.gid', 56, 'I', '__u32'),
+        Field('task.netns', 60, 'I', '__u32'),
+        Field('task.mntns', 64, 'I', '__u32'),
+        Field('task.pidns', 68, 'I', '__u32'),
+        Field('task.userns', 72, 'I', '__u32'),
+        Field('task.seccomp_mode', 76, 'I', '__u32'),
+        Field('task.comm', 80, '16s', '__u8[16]'),
+        Field('last_ns', 96, 'Q', '__u64'),
+        Field('packets', 104, 'Q', '__u64'),
+        Field('bytes', 112, 'Q', '__u64'),
+        Field('errors', 120, 'Q', '__u64'),
+        Field('saddr', 128, '16s', '__u8[16]'),
+        Field('daddr', 144, '16s', '__u8[16]'),
+        Field('netns', 160, 'I', '__u32'),
+        Field('last_error', 164, 'i', '__s32'),
+        Field('sport', 168, 'H', '__u16'),
+        Field('dport', 170, 'H', '__u16'),
+        Field('family', 172, 'H', '__u16'),
+        Field('direction', 174, 'B', '__u8'),
+    ),
+)
+
+DNS_EVENT = Layout(
+    'kt_dns_event',
+    160,
+    (
+        Field('hdr.ts_ns', 0, 'Q', '__u64'),
+        Field('hdr.kind', 8, 'H', '__u16'),
+        Field('hdr.size', 10, 'H', '__u16'),
+        Field('hdr.cpu', 12, 'I', '__u32'),
+        Field('task.cgroup_id', 16, 'Q', '__u64'),
+        Field('task.memcg_id', 24, 'Q', '__u64'),
+        Field('task.cap_effective', 32, 'Q', '__u64'),
+        Field('task.pid', 40, 'I', '__u32'),
+        Field('task.tgid', 44, 'I', '__u32'),
+        Field('task.ppid', 48, 'I', '__u32'),
+        Field('task.uid', 52, 'I', '__u32'),
+        Field('task.gid', 56, 'I', '__u32'),
+        Field('task.netns', 60, 'I', '__u32'),
+        Field('task.mntns', 64, 'I', '__u32'),
+        Field('task.pidns', 68, 'I', '__u32'),
+        Field('task.userns', 72, 'I', '__u32'),
+        Field('task.seccomp_mode', 76, 'I', '__u32'),
+        Field('task.comm', 80, '16s', '__u8[16]'),
+        Field('skaddr', 96, 'Q', '__u64'),
+        Field('ret', 104, 'i', '__s32'),
+        Field('netns', 108, 'I', '__u32'),
+        Field('saddr', 112, '16s', '__u8[16]'),
+        Field('daddr', 128, '16s', '__u8[16]'),
+        Field('sport', 144, 'H', '__u16'),
+        Field('dport', 146, 'H', '__u16'),
+        Field('family', 148, 'H', '__u16'),
+        Field('protocol', 150, 'H', '__u16'),
+        Field('message', 152, 'B', '__u8'),
+        Field('role', 153, 'B', '__u8'),
+    ),
+)
+
+UDP_FLOW_KEY = Layout(
+    'kt_udp_flow_key',
+    48,
+    (
+        Field('saddr', 0, '16s', '__u8[16]'),
+        Field('daddr', 16, '16s', '__u8[16]'),
+        Field('tgid', 32, 'I', '__u32'),
+        Field('netns', 36, 'I', '__u32'),
+        Field('sport', 40, 'H', '__u16'),
+        Field('dport', 42, 'H', '__u16'),
+        Field('family', 44, 'H', '__u16'),
+        Field('direction', 46, 'B', '__u8'),
     ),
 )
 
@@ -189,4 +297,6 @@ LAYOUTS = {
     2: CONNECT_EVENT,
     3: RETRANSMIT_EVENT,
     4: RESET_EVENT,
+    5: UDP_FLOW_EVENT,
+    6: DNS_EVENT,
 }

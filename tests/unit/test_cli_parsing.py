@@ -49,7 +49,7 @@ def test_size_that_is_not_a_size_is_a_usage_error(capsys):
 
 
 def test_unknown_probe_family_is_a_usage_error(capsys):
-    assert "unknown probe family udp" in _usage_error(capsys, "--probes=tcp_state,udp")
+    assert "unknown probe family nope" in _usage_error(capsys, "--probes=tcp_state,nope")
 
 
 def test_unknown_option_is_a_usage_error(capsys):

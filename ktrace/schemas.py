@@ -19,6 +19,8 @@ from pathlib import Path
 from typing import Any, Union
 
 from ktrace.errors import KtraceError
+from ktrace.events import decode
+from ktrace.events.decode import family_and_weight
 
 NAMES = ("events", "summary", "node")
 KINDS = {"events.jsonl": "events", "summary.json": "summary", "node.json": "node"}
@@ -142,14 +144,15 @@ def _kind_of(name: str) -> str | None:
 
 
 def _check_events(data: bytes, errors: list[str], max_errors: int) -> Counter[str]:
-    """Validate the lines of events.jsonl (until max_errors are found); returns the lines per type."""
-    types: Counter[str] = Counter()
+    """Validate the lines of events.jsonl (until max_errors are found); returns the kernel events per family
+    (a udp_flow line stands for its datagrams)."""
+    families: Counter[str] = Counter()
     if data and not data.endswith(b"\n"):
         errors.append("events.jsonl: the last line is not terminated (a cut file?)")
     for number, line in enumerate(data.splitlines(), 1):
         where = f"events.jsonl:{number}"
         if len(errors) > max_errors:
-            types[str(_type_of(line))] += 1  # keep counting for the cross-checks, stop validating
+            _count_family(families, _parse(line))  # keep counting for the cross-checks, stop validating
             continue
         try:
             event = json.loads(line)
@@ -157,19 +160,29 @@ def _check_events(data: bytes, errors: list[str], max_errors: int) -> Counter[st
             errors.append(f"{where}: not JSON: {exc}")
             continue
         if isinstance(event, dict):
-            types[str(event.get("type"))] += 1
+            _count_family(families, event)
             if not _TYPE_FIRST.match(line):
                 errors.append(f'{where}: "type" is not the first key')
         errors += validate("events", event, where)
-    return types
+    return families
 
 
-def _type_of(line: bytes) -> object:
+def _parse(line: bytes) -> object:
     try:
-        event = json.loads(line)
+        return json.loads(line)
     except ValueError:
         return None
-    return event.get("type") if isinstance(event, dict) else None
+
+
+def _count_family(families: Counter[str], event: object) -> None:
+    if not isinstance(event, dict):
+        return
+    try:
+        family, weight = family_and_weight(event)
+    except (KeyError, TypeError):
+        family, weight = decode.FAMILY_OF_TYPE.get(str(event.get("type"))), 1
+    if family is not None:
+        families[family] += weight
 
 
 def _check_consistency(summary: dict, contents: dict[str, bytes], types: Counter[str] | None,
@@ -196,4 +209,4 @@ def _check_consistency(summary: dict, contents: dict[str, bytes], types: Counter
         for family, row in by_family.items():
             if isinstance(row, dict) and row.get("written", 0) != types.get(family, 0):
                 errors.append(f"summary.json: losses.by_family.{family}.written is {row.get('written')!r}, "
-                              f"events.jsonl has {types.get(family, 0)} {family} lines")
+                              f"events.jsonl has {types.get(family, 0)} {family} events")

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from collections import Counter
 
+from ktrace.analyze.dns import DnsAnalysis
 from ktrace.analyze.tcp import TcpAnalysis
+from ktrace.analyze.udp import UdpAnalysis
 
 SCHEMA = "ktrace.summary/1"
 LOSS_KINDS = ("filtered", "sampled_out", "ringbuf_full", "capped", "disk_full", "undecodable")
@@ -16,15 +18,20 @@ class Summary:
     def __init__(self) -> None:
         self.counts: Counter[str] = Counter()
         self.tcp = TcpAnalysis()
+        self.udp = UdpAnalysis()
+        self.dns = DnsAnalysis()
 
     def add(self, event: dict, line: int | None) -> None:
         self.counts[event["type"]] += 1
         self.tcp.add(event, line)
+        self.udp.add(event, line)
+        self.dns.add(event, line)
 
     def build(self, *, meta: dict, losses: dict[str, dict[str, int]], probes: list[dict], files: dict,
               warnings: list[str]) -> dict:
-        findings = self.tcp.findings()
-        total = {kind: sum(f.get(kind, 0) for f in losses.values()) for kind in ("seen", "written", *LOSS_KINDS)}
+        findings = self.dns.findings(meta.get("options", {}).get("dns_timeout_s")) + self.tcp.findings()
+        total = {kind: sum(f.get(kind, 0) for f in losses.values())
+                 for kind in ("seen", "written", "aggregated", *LOSS_KINDS)}
         unaccounted = sum(abs(f["seen"] - f["written"] - sum(f[k] for k in LOSS_KINDS)) for f in losses.values())
         if total["ringbuf_full"] or total["undecodable"]:
             findings.insert(0, {
@@ -43,6 +50,9 @@ class Summary:
             "probes": probes,
             "tcp": self.tcp.summary(),
             "top_talkers": self.tcp.top_talkers(),
+            "udp": self.udp.summary(),
+            "dns": self.dns.summary(),
+            "dns_suspects": self.dns.suspects(),
             "findings": findings,
             "files": files,
             "warnings": warnings,

@@ -6,13 +6,13 @@ read back from a saved bundle), so the same rules run online and offline.
 
 from __future__ import annotations
 
-import math
 from collections import Counter, defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+
+from ktrace.analyze.common import MAX_LINES, Examples, endpoint, finding, percentile
 
 MAX_SOCKETS = 262144  # sockets tracked at once (open ones; closed ones are dropped)
 MAX_SAMPLES = 65536  # handshake times kept for percentiles
-MAX_LINES = 5  # line numbers of example events per finding
 
 SLOW_HANDSHAKE_MS = 900.0  # a SYN was retransmitted (the first SYN RTO is 1 s)
 RETRANSMIT_HOTSPOT = 5
@@ -32,51 +32,24 @@ class _Socket:
     line: int | None
 
 
-@dataclass
-class _Examples:
-    count: int = 0
-    lines: list[int] = field(default_factory=list)
-    first: str = ""
-    last: str = ""
-
-    def add(self, event: dict, line: int | None) -> None:
-        self.count += 1
-        if line is not None and len(self.lines) < MAX_LINES:
-            self.lines.append(line)
-        self.first = self.first or event["time"]
-        self.last = event["time"]
-
-
-def _endpoint(addr: str, port: int) -> str:
-    return f"[{addr}]:{port}" if ":" in addr else f"{addr}:{port}"
-
-
-def percentile(sorted_values: list[float], q: float) -> float | None:
-    """Nearest-rank percentile: the smallest value with at least q of the values at or below it."""
-    if not sorted_values:
-        return None
-    rank = math.ceil(q * len(sorted_values))
-    return sorted_values[min(max(rank, 1), len(sorted_values)) - 1]
-
-
 class TcpAnalysis:
     def __init__(self) -> None:
         self.sockets: dict[str, _Socket] = {}
         self.sockets_overflow = 0
         self.handshakes: list[float] = []
         self.per_process: dict[tuple[int, str], Counter] = defaultdict(Counter)
-        self.refused: dict[tuple[int, str, str], _Examples] = defaultdict(_Examples)
-        self.timeouts: dict[tuple[int, str, str], _Examples] = defaultdict(_Examples)
-        self.slow: dict[tuple[int, str, str], _Examples] = defaultdict(_Examples)
-        self.resets: dict[tuple[int, str, str, str], _Examples] = defaultdict(_Examples)
-        self.retransmits: dict[tuple[int, str, str], _Examples] = defaultdict(_Examples)
+        self.refused: dict[tuple[int, str, str], Examples] = defaultdict(Examples)
+        self.timeouts: dict[tuple[int, str, str], Examples] = defaultdict(Examples)
+        self.slow: dict[tuple[int, str, str], Examples] = defaultdict(Examples)
+        self.resets: dict[tuple[int, str, str, str], Examples] = defaultdict(Examples)
+        self.retransmits: dict[tuple[int, str, str], Examples] = defaultdict(Examples)
 
     def add(self, event: dict, line: int | None) -> None:
         kind = event["type"]
         if kind == "tcp_state":
             self._state(event, line)
         elif kind == "retransmit":
-            key = (event["pid"], event["comm"], _endpoint(event["daddr"], event["dport"]))
+            key = (event["pid"], event["comm"], endpoint(event["daddr"], event["dport"]))
             self.retransmits[key].add(event, line)
             self.per_process[_proc(event)]["retransmits"] += 1
         elif kind == "reset":
@@ -89,7 +62,7 @@ class TcpAnalysis:
     def _state(self, event: dict, line: int | None) -> None:
         sk, old, new = event["sk"], event["old_state"], event["new_state"]
         proc = _proc(event)
-        remote = _endpoint(event["daddr"], event["dport"])
+        remote = endpoint(event["daddr"], event["dport"])
         if new == "SYN_SENT":
             self.per_process[proc]["connects"] += 1
         elif old == "LISTEN" and new == "SYN_RECV":
@@ -118,7 +91,7 @@ class TcpAnalysis:
             self.sockets.pop(sk, None)
             return
         if sk in self.sockets or len(self.sockets) < MAX_SOCKETS:
-            self.sockets[sk] = _Socket(new, proc[0], proc[1], _endpoint(event["saddr"], event["sport"]),
+            self.sockets[sk] = _Socket(new, proc[0], proc[1], endpoint(event["saddr"], event["sport"]),
                                        remote, line)
         else:
             self.sockets_overflow += 1
@@ -182,27 +155,27 @@ class TcpAnalysis:
     def findings(self) -> list[dict]:
         out = []
         for (pid, comm, remote), e in sorted(self.refused.items(), key=lambda kv: -kv[1].count):
-            out.append(_finding(
+            out.append(finding(
                 "connect_refused", "warning", f"{comm} ({pid}): {e.count} connect(s) to {remote} refused",
                 {"pid": pid, "comm": comm, "remote": remote}, e,
                 "Nothing listens on that port (RST): check the Service/endpoint and that the server is up.",
             ))
         for (pid, comm, remote), e in sorted(self.timeouts.items(), key=lambda kv: -kv[1].count):
-            out.append(_finding(
+            out.append(finding(
                 "syn_timeout", "critical", f"{comm} ({pid}): {e.count} connect(s) to {remote} timed out",
                 {"pid": pid, "comm": comm, "remote": remote}, e,
                 "SYNs got no answer: a firewall/NetworkPolicy drop, a blackholed route or a dead peer.",
             ))
         for (pid, comm, remote), e in sorted(self.slow.items(), key=lambda kv: -kv[1].count):
-            out.append(_finding(
+            out.append(finding(
                 "slow_handshake", "warning",
                 f"{comm} ({pid}): {e.count} handshake(s) with {remote} took >= {SLOW_HANDSHAKE_MS:.0f} ms",
                 {"pid": pid, "comm": comm, "remote": remote}, e,
                 "A SYN or SYN-ACK was lost and retransmitted after the 1 s RTO: look for packet loss.",
             ))
         for (pid, comm), socks in sorted(self.close_wait().items(), key=lambda kv: -len(kv[1])):
-            e = _Examples(count=len(socks), lines=[s.line for s in socks if s.line is not None][:MAX_LINES])
-            out.append(_finding(
+            e = Examples(count=len(socks), lines=[s.line for s in socks if s.line is not None][:MAX_LINES])
+            out.append(finding(
                 "close_wait", "warning" if len(socks) < 100 else "critical",
                 f"{comm} ({pid}): {len(socks)} socket(s) left in CLOSE_WAIT",
                 {"pid": pid, "comm": comm, "remotes": sorted({s.remote for s in socks})[:10]}, e,
@@ -210,7 +183,7 @@ class TcpAnalysis:
             ))
         for (pid, comm, direction, reason), e in sorted(self.resets.items(), key=lambda kv: -kv[1].count):
             who = f"{comm} ({pid})" if pid else comm or "unknown process"
-            out.append(_finding(
+            out.append(finding(
                 "tcp_reset", "info" if e.count < 10 else "warning",
                 f"{who}: {e.count} reset(s) {direction}" + (f", reason {reason}" if reason else ""),
                 {"pid": pid or None, "comm": comm if pid else None, "direction": direction,
@@ -220,18 +193,9 @@ class TcpAnalysis:
         for (pid, comm, remote), e in sorted(self.retransmits.items(), key=lambda kv: -kv[1].count):
             if e.count < RETRANSMIT_HOTSPOT:
                 continue
-            out.append(_finding(
+            out.append(finding(
                 "retransmit_hotspot", "warning", f"{comm} ({pid}): {e.count} retransmits to {remote}",
                 {"pid": pid, "comm": comm, "remote": remote}, e,
                 "Packets to this peer are lost or delayed: congestion, a flaky link, or drops on the path.",
             ))
         return out
-
-
-def _finding(rule: str, severity: str, title: str, subject: dict, e: _Examples, hint: str) -> dict:
-    evidence: dict = {"count": e.count, "lines": e.lines}
-    if e.first:
-        evidence["first"] = e.first
-        evidence["last"] = e.last
-    return {"rule": rule, "severity": severity, "title": title, "subject": subject, "evidence": evidence,
-            "hint": hint}

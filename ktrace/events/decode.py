@@ -53,6 +53,8 @@ KIND_FIELDS = {
     "udp_flow": ("direction", "netns", "packets", "bytes", "errors", "last_error", "last_ns"),
     "dns": ("skaddr", "netns", "protocol", "message", "role", "ret"),
 }
+# The event types a kind decodes to, where they are not just the kind's name.
+TYPES_OF_KIND = {"dns": ("dns_query", "dns_reply")}
 # The probe family an event type is counted against in the loss table; user-space types have none.
 FAMILY_OF_TYPE = {
     "tcp_state": "tcp_state", "connect": "connect", "retransmit": "retransmit", "reset": "reset",

@@ -32,6 +32,7 @@ enum kt_family _kt_family = 0;
 enum kt_direction _kt_direction = 0;
 enum kt_dns_message _kt_dns_message = 0;
 enum kt_dns_role _kt_dns_role = 0;
+enum kt_udp_sizes _kt_udp_sizes = 0;
 
 #define EINTR 4
 #define EAGAIN 11
@@ -41,6 +42,24 @@ enum kt_dns_role _kt_dns_role = 0;
 const volatile __u8 kt_want_udp = 0;	/* count UDP flows (the udp family is on) */
 const volatile __u8 kt_want_dns = 0;	/* emit DNS messages (the dns family is on) */
 const volatile __u8 kt_dns_only = 0;	/* --dns-only: UDP flows on DNS ports only */
+/*
+ * --dns-ports (host byte order), unused slots 0. A constant array rather than a
+ * map: every TCP send and receive on the node passes the DNS port test, and
+ * sixteen compares cost less than two hash lookups.
+ */
+const volatile __u16 kt_dns_ports[KT_MAX_DNS_PORTS] = {};
+
+static __always_inline bool kt_is_dns_port(__u16 port)
+{
+	int i;
+
+	if (!port)
+		return false;
+	for (i = 0; i < KT_MAX_DNS_PORTS; i++)
+		if (kt_dns_ports[i] == port)
+			return true;
+	return false;
+}
 
 /*
  * (tuple direction, process, netns) → the flow's counts. Inserted by the first
@@ -74,13 +93,6 @@ struct {
 	__type(value, struct kt_udp_flow_event);
 } udp_scratch SEC(".maps");
 
-/* DNS ports (host byte order), from --dns-ports. Filled before attach. */
-struct {
-	__uint(type, BPF_MAP_TYPE_HASH);
-	__uint(max_entries, 16);
-	__type(key, __u16);
-	__type(value, __u8);
-} dns_ports SEC(".maps");
 
 /* The remote end of the datagram a thread is sending or receiving on an unconnected socket. */
 struct kt_peer {
@@ -300,8 +312,15 @@ static __always_inline int kt_datagram(const struct sock *sk, int ret, int flags
 		return 0;
 	protocol = kt_sk_protocol(sk);
 	if (protocol == IPPROTO_TCP) {
-		/* TCP only for DNS over TCP; a zero-length read is the end of the stream */
+		/*
+		 * TCP only for DNS over TCP, and a TCP socket's ports never change:
+		 * test them before anything else. A zero-length read is the end of
+		 * the stream.
+		 */
 		if (!kt_want_dns || ret == 0)
+			return 0;
+		if (!kt_is_dns_port(bpf_ntohs(BPF_CORE_READ(sk, __sk_common.skc_dport))) &&
+		    !kt_is_dns_port(BPF_CORE_READ(sk, __sk_common.skc_num)))
 			return 0;
 	} else if (protocol != IPPROTO_UDP) {
 		return 0;
@@ -312,8 +331,8 @@ static __always_inline int kt_datagram(const struct sock *sk, int ret, int flags
 	if (protocol == IPPROTO_UDP)
 		kt_take_peer(sk, &t, peer);
 	if (kt_want_dns) {
-		remote_is_dns = t.dport && bpf_map_lookup_elem(&dns_ports, &t.dport);
-		local_is_dns = !remote_is_dns && bpf_map_lookup_elem(&dns_ports, &t.sport);
+		remote_is_dns = kt_is_dns_port(t.dport);
+		local_is_dns = !remote_is_dns && kt_is_dns_port(t.sport);
 	}
 	if (protocol == IPPROTO_UDP && kt_want_udp)
 		kt_udp_flow(sk, &t, ret, direction, remote_is_dns || local_is_dns);

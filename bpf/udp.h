@@ -5,6 +5,10 @@
 
 #include "common.h"
 
+enum kt_udp_sizes {
+	KT_MAX_DNS_PORTS = 16,
+};
+
 /* Which way datagrams of a flow travel, seen from the local socket. */
 enum kt_direction {
 	KT_DIR_EGRESS = 1,	/* sent by the local process */

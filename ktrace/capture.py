@@ -31,6 +31,7 @@ DEFAULT_MAP_SIZES = {
     "peers": 4096,  # unconnected UDP sends/receives in flight
 }
 DNS_PORTS = (53,)
+MAX_DNS_PORTS = next(v for v, name in generated.UDP_SIZES.items() if name == "max_dns_ports")
 # Drain idle UDP flows from the kernel map once it is this full, so new flows still fit.
 FLOW_DRAIN_FILL = 0.5
 FLOW_IDLE_NS = 2_000_000_000
@@ -109,6 +110,12 @@ class Capture:
             out.append(value)
         return out
 
+    def flows_report(self) -> dict | None:
+        """The kernel's flow map: its size and how many flows were read out of it early."""
+        if self._flows is None:
+            return None
+        return {"max_entries": self._flows.max_entries, "read_early": self._flows_deleted}
+
     def flows_fill(self) -> float:
         """How full the kernel's flow map is, from 0 to 1."""
         if self._flows is None:
@@ -175,20 +182,22 @@ def _selected(config: CaptureConfig) -> list[probes.Family]:
 def _configure(obj: libbpf.BpfObject, config: CaptureConfig, shared: dict[str, int], enabled: set[str]) -> None:
     for prog in obj.programs():
         prog.set_autoload(prog.name in enabled)
-    settings = {
+    settings: dict[str, int | bytes] = {
         "kt_self_tgid": config.self_tgid,
         "kt_sample_every": max(config.sample_every, 1),
         "kt_filter_ports": 1 if config.ports else 0,
         "kt_wake_bytes": config.wake_bytes,
     }
     # settings of one object only
-    own = {
+    own: dict[str, int | bytes] = {
         "kt_want_udp": "udp" in config.families,
         "kt_want_dns": "dns" in config.families,
         "kt_dns_only": config.dns_only,
+        "kt_dns_ports": b"".join(p.to_bytes(2, "little") for p in config.dns_ports).ljust(2 * MAX_DNS_PORTS, b"\0"),
     }
     present = obj.rodata_variables()
-    settings.update({name: int(value) for name, value in own.items() if name in present})
+    settings.update({name: value if isinstance(value, bytes) else int(value)
+                     for name, value in own.items() if name in present})
     obj.set_rodata(settings)
     obj.map("events").set_max_entries(config.ring_bytes)
     for name, size in config.map_sizes.items():
@@ -292,8 +301,6 @@ def _load_and_attach(by_object: dict[str, set[str]], config: CaptureConfig,
             if not shared:
                 shared = {name: obj.map(name).fd for name in SHARED_MAPS}
                 _fill_ports(obj.map("ports"), config.ports)
-            if obj_name == "udp.bpf.o":
-                _fill_ports(obj.map("dns_ports"), config.dns_ports)
         iterators = []
         for obj_name, programs in by_object.items():
             for prog in objects[obj_name].programs():

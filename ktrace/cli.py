@@ -11,7 +11,7 @@ from pathlib import Path
 import click
 import orjson
 
-from ktrace import __version__, probes
+from ktrace import __version__, capture, probes
 from ktrace.errors import ExitStatus, KtraceError
 
 EXIT_CODES_HELP = "\b\nExit status:\n" + "\n".join(
@@ -128,10 +128,14 @@ def cli() -> None:
 @click.option("--dns-only", is_flag=True,
               help="Only DNS: DNS messages, and TCP and UDP flows on --dns-ports. The rest is filtered in the kernel "
                    "and counted.")
-@click.option("--dns-ports", type=PortList(limit=16), default="53", show_default=True,
-              help="Ports whose traffic is DNS (comma-separated, at most 16).")
+@click.option("--dns-ports", type=PortList(limit=capture.MAX_DNS_PORTS), default="53", show_default=True,
+              help=f"Ports whose traffic is DNS (comma-separated, at most {capture.MAX_DNS_PORTS}).")
 @click.option("--dns-timeout", type=Duration(), default="2s", show_default=True,
               help="A DNS query with no reply after this long is reported as dns_timeout.")
+@click.option("--udp-flows", type=click.IntRange(min=64, max=1 << 22), default=capture.DEFAULT_MAP_SIZES["udp_flows"],
+              show_default=True,
+              help="UDP flows counted in the kernel at once (about 300 bytes each). When the map fills, idle "
+                   "flows are read out early and new flows' datagrams cross the ring buffer one by one.")
 @click.option("--sample", type=click.IntRange(min=1), default=1, show_default=True,
               help="Keep 1 flow in N, decided in the kernel per socket; a kept flow keeps all its events.")
 @click.option("--max-events", type=click.IntRange(min=0), default=None,
@@ -149,7 +153,7 @@ def cli() -> None:
 @click.option("--verbose", "-v", count=True, help="More detail; -vv adds libbpf's and the verifier's log.")
 @click.option("--quiet", "-q", is_flag=True, help="Only errors.")
 def snapshot(duration: float, out_dir: Path, node: str | None, ports: tuple[int, ...] | None, dns_only: bool,
-             dns_ports: tuple[int, ...], dns_timeout: float, sample: int, max_events: int | None,
+             dns_ports: tuple[int, ...], dns_timeout: float, udp_flows: int, sample: int, max_events: int | None,
              max_bytes: int | None, families: tuple[str, ...] | None, with_connect_latency: bool, ring_size: int,
              ready_file: Path | None, verbose: int, quiet: bool) -> int:
     """Record TCP, UDP and DNS activity for a fixed window and write a bundle.
@@ -182,7 +186,8 @@ def snapshot(duration: float, out_dir: Path, node: str | None, ports: tuple[int,
     if dns_only:
         selected += tuple(f for f in ("dns", "udp_peers") if f not in selected)
     opts = SnapshotOptions(duration_s=duration, out_dir=out_dir, node=node or "", ports=ports or (),
-                           dns_ports=dns_ports, dns_only=dns_only, dns_timeout_s=dns_timeout, sample=sample,
+                           dns_ports=dns_ports, dns_only=dns_only, dns_timeout_s=dns_timeout, udp_flows=udp_flows,
+                           sample=sample,
                            max_events=max_events, max_bytes=max_bytes, families=selected, ring_bytes=ring,
                            quiet=quiet, ready_file=ready_file)
     result = run(opts)

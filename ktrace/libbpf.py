@@ -434,15 +434,20 @@ class BpfObject:
     def rodata_variables(self) -> set[str]:
         return set(self.btf().datasec(".rodata"))
 
-    def set_rodata(self, values: dict[str, int]) -> None:
-        """Write `const volatile` globals by name, before load."""
+    def set_rodata(self, values: dict[str, int | bytes]) -> None:
+        """Write `const volatile` globals by name, before load (arrays as their bytes)."""
         section = self.btf().datasec(".rodata")
         data = self.map(".rodata").initial_value()
         for name, value in values.items():
             if name not in section:
                 raise BpfError(f"{self.name} has no rodata variable {name}")
             offset, size = section[name]
-            data[offset : offset + size] = int(value).to_bytes(size, "little")
+            if isinstance(value, bytes):
+                if len(value) != size:
+                    raise BpfError(f"{self.name}: rodata {name} is {size} bytes, got {len(value)}")
+                data[offset : offset + size] = value
+            else:
+                data[offset : offset + size] = int(value).to_bytes(size, "little")
 
     def load(self) -> None:
         clear_log()

@@ -156,14 +156,28 @@ def kprobe(function: str) -> Callable[[], CheckResult]:
 
 
 def cgroup2_root() -> Path | None:
-    """Where the cgroup2 hierarchy is mounted (/sys/fs/cgroup, or /sys/fs/cgroup/unified on hybrid hosts)."""
-    try:
-        mounts = Path("/proc/self/mounts").read_text().splitlines()
-    except OSError:
-        return None
-    roots = [Path(line.split()[1]) for line in mounts if len(line.split()) > 2 and line.split()[2] == "cgroup2"]
-    # the shortest path is the hierarchy's root; nested mounts (containers) come later
-    return min(roots, key=lambda p: len(p.parts)) if roots else None
+    """The root of the node's cgroup2 hierarchy (/sys/fs/cgroup, or /sys/fs/cgroup/unified on hybrid hosts).
+
+    Read through the mounts of PID 1, so that ktrace in a container with its own
+    cgroup namespace (a pod with hostPID) still finds the node's root and not its
+    own cgroup: programs attached there would only see the container.
+    """
+    for proc_root, mounts in ((Path("/proc/1/root"), Path("/proc/1/mounts")), (Path("/"), Path("/proc/self/mounts"))):
+        try:
+            lines = mounts.read_text().splitlines()
+        except OSError:
+            continue
+        roots = [line.split()[1] for line in lines if len(line.split()) > 2 and line.split()[2] == "cgroup2"]
+        if not roots:
+            continue
+        # the shortest mount point is the hierarchy's root; nested mounts (containers) come later
+        path = proc_root / min(roots, key=len).lstrip("/")
+        try:
+            if path.is_dir():
+                return path
+        except OSError:  # PID 1's root is not ours to read (no hostPID, another user namespace)
+            continue
+    return None
 
 
 def cgroup_hook(attach: str) -> Callable[[], CheckResult]:

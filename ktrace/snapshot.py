@@ -41,6 +41,7 @@ class SnapshotOptions:
     dns_ports: tuple[int, ...] = capture.DNS_PORTS
     dns_only: bool = False
     dns_timeout_s: float = 2.0
+    udp_flows: int = capture.DEFAULT_MAP_SIZES["udp_flows"]
     sample: int = 1
     max_events: int | None = None
     max_bytes: int | None = None
@@ -55,8 +56,9 @@ class SnapshotOptions:
         return {
             "duration_s": self.duration_s, "out_dir": str(self.out_dir), "node": self.node,
             "ports": list(self.ports), "dns_ports": list(self.dns_ports), "dns_only": self.dns_only,
-            "dns_timeout_s": self.dns_timeout_s, "sample": self.sample, "max_events": self.max_events,
-            "max_bytes": self.max_bytes, "probes": list(self.families), "ring_bytes": self.ring_bytes,
+            "dns_timeout_s": self.dns_timeout_s, "udp_flows": self.udp_flows, "sample": self.sample,
+            "max_events": self.max_events, "max_bytes": self.max_bytes, "probes": list(self.families),
+            "ring_bytes": self.ring_bytes,
         }
 
 
@@ -185,7 +187,8 @@ def run(opts: SnapshotOptions) -> SnapshotResult:
     # --dns-only keeps TCP and UDP flows on DNS ports only, filtered in the kernel like --ports
     ports = opts.dns_ports if opts.dns_only else opts.ports
     config = capture.CaptureConfig(families=opts.families, ports=ports, dns_ports=opts.dns_ports,
-                                   dns_only=opts.dns_only, sample_every=opts.sample, ring_bytes=opts.ring_bytes)
+                                   dns_only=opts.dns_only, sample_every=opts.sample, ring_bytes=opts.ring_bytes,
+                                   map_sizes={**capture.DEFAULT_MAP_SIZES, "udp_flows": opts.udp_flows})
     cap = capture.load(config)
     warnings = [f"{row.family}: no working probe ({row.reason})" for row in cap.table if row.status != "ok"]
     for warning in warnings:
@@ -237,6 +240,7 @@ def run(opts: SnapshotOptions) -> SnapshotResult:
             opts.status.write("\n")
         probe_table = [row.as_dict() for row in cap.table]
         maps = cap.map_report
+        udp_map = cap.flows_report()
     except BaseException:
         bundle.abandon()
         raise
@@ -292,7 +296,11 @@ def run(opts: SnapshotOptions) -> SnapshotResult:
     }
     node_doc = node.collect(node_name, opts.args(), clock, probe_table, maps)
     node_file = bundle.write_json("node.json", node_doc)
-    doc = summary.build(meta=meta, losses=losses, probes=probe_table,
+    if udp_map is not None:
+        k = counters.get("udp", {})
+        udp_map["datagrams_via_ring"] = k.get("seen", 0) - k.get("aggregated", 0) - k.get("filtered", 0) - k.get(
+            "sampled_out", 0) - k.get("ringbuf_full", 0)
+    doc = summary.build(meta=meta, losses=losses, probes=probe_table, udp_map=udp_map,
                         files={"events": events_file, "node": node_file}, warnings=warnings)
     bundle.write_json("summary.json", doc)
     bundle.write_tgz()

@@ -28,7 +28,8 @@ class Summary:
         self.dns.add(event, line)
 
     def build(self, *, meta: dict, losses: dict[str, dict[str, int]], probes: list[dict], files: dict,
-              warnings: list[str]) -> dict:
+              warnings: list[str], udp_map: dict | None = None) -> dict:
+        """udp_map: the kernel flow map's size and use, when the udp family ran (not known offline)."""
         findings = self.dns.findings(meta.get("options", {}).get("dns_timeout_s")) + self.tcp.findings()
         total = {kind: sum(f.get(kind, 0) for f in losses.values())
                  for kind in ("seen", "written", "aggregated", *LOSS_KINDS)}
@@ -50,7 +51,7 @@ class Summary:
             "probes": probes,
             "tcp": self.tcp.summary(),
             "top_talkers": self.tcp.top_talkers(),
-            "udp": self.udp.summary(),
+            "udp": {**self.udp.summary(), "kernel_map": udp_map},
             "dns": self.dns.summary(),
             "dns_suspects": self.dns.suspects(),
             "findings": findings,

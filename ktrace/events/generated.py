@@ -48,6 +48,10 @@ DNS_ROLE = {
     2: 'server',
 }
 
+UDP_SIZES = {
+    16: 'max_dns_ports',
+}
+
 TCP_STATE_EVENT = Layout(
     'kt_tcp_state_event',
     160,

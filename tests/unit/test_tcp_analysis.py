@@ -34,7 +34,8 @@ def _build(summary: Summary, losses: dict | None = None) -> dict:
     recorded = fixture_summary()
     return summary.build(meta={k: recorded[k] for k in META_KEYS},
                          losses=recorded["losses"]["by_family"] if losses is None else losses,
-                         probes=recorded["probes"], files=recorded["files"], warnings=recorded["warnings"])
+                         probes=recorded["probes"], files=recorded["files"], warnings=recorded["warnings"],
+                         udp_map=recorded["udp"]["kernel_map"])
 
 
 def _rules(findings: list[dict]) -> list[str]:

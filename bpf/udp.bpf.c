@@ -96,6 +96,7 @@ struct {
 
 /* The remote end of the datagram a thread is sending or receiving on an unconnected socket. */
 struct kt_peer {
+	__u64 pid_tgid;		/* the thread in whose syscall it was seen; 0 once consumed */
 	__u64 cookie;		/* socket cookie, to check the consumer has the same socket */
 	__u8 addr[KT_ADDR_LEN];
 	__u16 port;
@@ -104,13 +105,16 @@ struct kt_peer {
 };
 
 /*
- * Thread (pid_tgid) → peer. Inserted by the cgroup sendmsg/recvmsg hooks inside
- * a syscall, deleted by the length tracepoint that follows in the same syscall.
+ * Per CPU: the peer the cgroup sendmsg/recvmsg hook saw last, consumed by the
+ * length tracepoint that follows in the same syscall. Checked against the
+ * thread and the socket, so a syscall that moved to another CPU in between
+ * finds no peer rather than a wrong one. A per-CPU slot instead of a hash
+ * keyed by thread: no hashing, locking or deletion on every datagram.
  */
 struct {
-	__uint(type, BPF_MAP_TYPE_LRU_HASH);
-	__uint(max_entries, 4096);
-	__type(key, __u64);
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
 	__type(value, struct kt_peer);
 } peers SEC(".maps");
 
@@ -275,19 +279,22 @@ static __always_inline void kt_dns_message(const struct sock *sk, const struct k
  */
 static __always_inline void kt_take_peer(const struct sock *sk, struct kt_tuple *t, const struct kt_peer *given)
 {
-	__u64 id = bpf_get_current_pid_tgid();
+	struct kt_peer *stashed = NULL;
 	const struct kt_peer *p = given;
+	__u32 zero = 0;
 
-	if (!p)
-		p = bpf_map_lookup_elem(&peers, &id);
-	if (!p)
-		return;
+	if (!p) {
+		stashed = bpf_map_lookup_elem(&peers, &zero);
+		if (!stashed || stashed->pid_tgid != bpf_get_current_pid_tgid())
+			return;
+		p = stashed;
+	}
 	if (!p->cookie || p->cookie == kt_sk_cookie(sk)) {
 		__builtin_memcpy(t->daddr, p->addr, KT_ADDR_LEN);
 		t->dport = p->port;
 	}
-	if (!given)
-		bpf_map_delete_elem(&peers, &id);
+	if (stashed)
+		stashed->pid_tgid = 0;
 }
 
 /*
@@ -379,20 +386,26 @@ int kt_udp_recv_tp(struct trace_event_raw_sock_msg_length *ctx)
  */
 static __always_inline int kt_stash_peer(struct bpf_sock_addr *ctx, __u16 family)
 {
-	struct kt_peer p = {};
+	struct kt_peer *p;
 	__u64 id = bpf_get_current_pid_tgid();
+	__u32 zero = 0;
 
 	if (ctx->protocol != IPPROTO_UDP || (!kt_want_udp && !kt_want_dns))
 		return 1;
 	if (kt_self_tgid && (id >> 32) == kt_self_tgid)
 		return 1;
-	p.cookie = bpf_get_socket_cookie(ctx);
-	p.family = family;
-	p.port = bpf_ntohs((__u16)ctx->user_port);
+	p = bpf_map_lookup_elem(&peers, &zero);
+	if (!p)
+		return 1;
+	p->pid_tgid = id;
+	p->cookie = bpf_get_socket_cookie(ctx);
+	p->family = family;
+	p->port = bpf_ntohs((__u16)ctx->user_port);
 	if (family == AF_INET) {
 		__u32 ip4 = ctx->user_ip4;
 
-		__builtin_memcpy(p.addr, &ip4, 4);
+		__builtin_memset(p->addr, 0, KT_ADDR_LEN);
+		__builtin_memcpy(p->addr, &ip4, 4);
 	} else {
 		__u32 ip6[4];
 
@@ -400,9 +413,8 @@ static __always_inline int kt_stash_peer(struct bpf_sock_addr *ctx, __u16 family
 		ip6[1] = ctx->user_ip6[1];
 		ip6[2] = ctx->user_ip6[2];
 		ip6[3] = ctx->user_ip6[3];
-		__builtin_memcpy(p.addr, ip6, KT_ADDR_LEN);
+		__builtin_memcpy(p->addr, ip6, KT_ADDR_LEN);
 	}
-	bpf_map_update_elem(&peers, &id, &p, BPF_ANY);
 	return 1;
 }
 

@@ -28,7 +28,6 @@ DEFAULT_MAP_SIZES = {
     "listeners": 4096,  # listening (netns, port) pairs
     "connects": 8192,  # connect() calls in flight
     "udp_flows": 16384,  # UDP flows counted in the kernel; idle ones are drained when it fills
-    "peers": 4096,  # unconnected UDP sends/receives in flight
 }
 DNS_PORTS = (53,)
 MAX_DNS_PORTS = next(v for v, name in generated.UDP_SIZES.items() if name == "max_dns_ports")

@@ -16,7 +16,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 MAX_PENDING = 65536  # unanswered queries tracked at once
-MAX_EXPIRED = 16384  # timed-out queries remembered for late replies
+MAX_EXPIRED = 16384  # sockets whose timed-out queries are remembered for late replies
+MAX_EXPIRED_PER_KEY = 64
 LATE_REPLY_NS = 30_000_000_000  # how long a timed-out query can still be answered
 TCP_CONTINUATION_NS = 1_000_000_000  # a TCP read this soon after a reply is the rest of it
 
@@ -120,7 +121,7 @@ class DnsPairer:
                  **{f: q[f] for f in _TIMEOUT_FIELDS}, "query_time": q["time"], "query_line": query.line,
                  "waited_ms": round(waited / 1e6, 3), "window_end": window_end and waited < self.timeout_ns}
         self.write(event)
-        late = self.expired.setdefault(key, deque())
+        late = self.expired.setdefault(key, deque(maxlen=MAX_EXPIRED_PER_KEY))
         late.append(query)
         self.expired.move_to_end(key)
         while len(self.expired) > MAX_EXPIRED:

@@ -155,27 +155,31 @@ def kprobe(function: str) -> Callable[[], CheckResult]:
     return check
 
 
+ROOT_CGROUP_INO = 1  # the root of the cgroup2 hierarchy is kernfs node 1
+
+
+@functools.cache
 def cgroup2_root() -> Path | None:
     """The root of the node's cgroup2 hierarchy (/sys/fs/cgroup, or /sys/fs/cgroup/unified on hybrid hosts).
 
-    Read through the mounts of PID 1, so that ktrace in a container with its own
-    cgroup namespace (a pod with hostPID) still finds the node's root and not its
-    own cgroup: programs attached there would only see the container.
+    In a container with its own cgroup namespace, the /sys/fs/cgroup it sees is its
+    own cgroup, and programs attached there would see only the container. The real
+    root is recognised by its inode number; it is reachable through PID 1's root
+    (hostPID) or a hostPath mount of the node's /sys/fs/cgroup (deploy/).
     """
+    candidates: list[Path] = []
     for proc_root, mounts in ((Path("/proc/1/root"), Path("/proc/1/mounts")), (Path("/"), Path("/proc/self/mounts"))):
         try:
             lines = mounts.read_text().splitlines()
         except OSError:
             continue
-        roots = [line.split()[1] for line in lines if len(line.split()) > 2 and line.split()[2] == "cgroup2"]
-        if not roots:
-            continue
-        # the shortest mount point is the hierarchy's root; nested mounts (containers) come later
-        path = proc_root / min(roots, key=len).lstrip("/")
+        points = sorted((f[1] for f in map(str.split, lines) if len(f) > 2 and f[2] == "cgroup2"), key=len)
+        candidates += [proc_root / point.lstrip("/") for point in points]
+    for path in candidates:
         try:
-            if path.is_dir():
+            if path.stat().st_ino == ROOT_CGROUP_INO:
                 return path
-        except OSError:  # PID 1's root is not ours to read (no hostPID, another user namespace)
+        except OSError:  # PID 1's root is not ours to read (no hostPID, or no CAP_SYS_PTRACE)
             continue
     return None
 
@@ -186,7 +190,8 @@ def cgroup_hook(attach: str) -> Callable[[], CheckResult]:
     @functools.cache
     def check() -> CheckResult:
         if cgroup2_root() is None:
-            return CheckResult(Verdict.UNSUPPORTED, "no cgroup2 hierarchy is mounted")
+            return CheckResult(Verdict.UNSUPPORTED, "the root of the cgroup2 hierarchy is not reachable (not mounted, "
+                                                    "or only a container's own cgroup is)")
         return _btf_type("bpf_sock_addr", libbpf.BTF_KIND_STRUCT, f"no cgroup/{attach} hook in this kernel")()
 
     return check

@@ -29,6 +29,7 @@ ENUMS = {
     "kt_direction": "KT_DIR_",
     "kt_dns_message": "KT_DNS_",
     "kt_dns_role": "KT_DNS_",
+    "kt_lookup_function": "KT_LOOKUP_",
 }
 STRUCTS_ALSO = ("kt_counters", "kt_udp_flow_key")
 

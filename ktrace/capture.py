@@ -323,6 +323,8 @@ def load(config: CaptureConfig) -> Capture:
                 skipped = [a for a in status.alternatives if a.status in ("refused", "unsupported")]
                 status.reason = "; ".join([f"{a.hook}: {a.reason}" for a in skipped]
                                           + ([capture.notes[fam.name]] if fam.name in capture.notes else []))
+            else:  # every alternative was unsupported or refused; the other families went ahead
+                status.reason = "; ".join(f"{a.hook}: {a.status} ({a.reason})" for a in status.alternatives)
         capture.table = [table[f.name] for f in families]
         return capture
     for fam in families:

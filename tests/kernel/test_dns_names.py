@@ -8,7 +8,12 @@ namespace's inode.
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
+import sys
 import tarfile
+import time
+from pathlib import Path
 
 import pytest
 
@@ -145,6 +150,55 @@ def test_without_the_flag_no_name_reaches_the_bundle(tmp_path):
     with tarfile.open(bundle.paths["bundle.tgz"]) as tar:
         for member in tar.getmembers():
             assert needle not in tar.extractfile(member).read(), member.name
+
+
+# A process on a libc of its own, as in a container whose image brings one: a copy of the host's libc, loaded
+# through LD_LIBRARY_PATH and deleted while the process runs (as after a package upgrade). It waits for GO.
+OWN_LIBC_CLIENT = """
+import os, socket, sys, time
+while not os.path.exists(sys.argv[1]):
+    time.sleep(0.02)
+try:
+    socket.getaddrinfo(sys.argv[2], None)
+    print("ok", flush=True)
+except OSError as exc:
+    print(exc, flush=True)
+"""
+
+
+def test_a_process_on_its_own_deleted_libc_gets_its_own_uprobes(tmp_path):
+    host = libc.discover.__wrapped__().files[0]
+    own = tmp_path / "lib"
+    own.mkdir()
+    shutil.copyfile(host.path, own / "libc.so.6")
+    go = tmp_path / "go"
+    with DnsNetns(tmp_path, "ownlibc") as ns:
+        client = subprocess.Popen(ns.command(sys.executable, "-c", OWN_LIBC_CLIENT, str(go), OK_NAME),
+                                  env={**os.environ, "LD_LIBRARY_PATH": str(own)}, stdout=subprocess.PIPE, text=True)
+        try:
+            maps = Path(f"/proc/{client.pid}/maps")
+            deadline = time.monotonic() + 30
+            while str(own / "libc.so.6") not in maps.read_text():
+                assert time.monotonic() < deadline and client.poll() is None, "the client never mapped its libc"
+                time.sleep(0.02)
+            (own / "libc.so.6").unlink()
+            ktrace = Ktrace(tmp_path, "--with-dns-names", duration="120s").started()
+            try:
+                go.touch()
+                out, _ = client.communicate(timeout=60)
+                _finish(ktrace)
+            finally:
+                ktrace.kill()
+        finally:
+            if client.poll() is None:
+                client.kill()
+                client.wait()
+    assert out.strip() == "ok"
+    bundle = ktrace.bundle()
+    (row,) = [r for r in bundle.summary["probes"] if r["family"] == "dns_names"]
+    assert f"pid {client.pid}:{own / 'libc.so.6'} (deleted)" in row["reason"]
+    (event,) = [e for e in bundle.of_type("dns_lookup") if e["pid"] == client.pid]
+    assert (event["function"], event["name"], event["result"]) == ("getaddrinfo", OK_NAME, "ok")
 
 
 # --- which libc files get the uprobes (through ktrace.capture, in this process) ---

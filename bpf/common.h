@@ -23,6 +23,7 @@ enum kt_kind {
 	KT_KIND_RESET = 4,
 	KT_KIND_UDP_FLOW = 5,
 	KT_KIND_DNS = 6,
+	KT_KIND_DNS_LOOKUP = 7,
 };
 
 /* Index of a probe family in the loss counters. */
@@ -33,7 +34,8 @@ enum kt_family {
 	KT_FAMILY_RESET = 3,
 	KT_FAMILY_UDP = 4,
 	KT_FAMILY_DNS = 5,
-	KT_FAMILY_MAX = 6,
+	KT_FAMILY_DNS_NAMES = 6,
+	KT_FAMILY_MAX = 7,
 };
 
 /* How the task block of an event was obtained. */

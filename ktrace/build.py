@@ -30,6 +30,7 @@ ENUMS = {
     "kt_dns_message": "KT_DNS_",
     "kt_dns_role": "KT_DNS_",
     "kt_udp_sizes": "KT_",
+    "kt_lookup_function": "KT_LOOKUP_",
 }
 STRUCTS_ALSO = ("kt_counters", "kt_udp_flow_key")
 

@@ -9,12 +9,13 @@ kernel (no kprobes, no trampolines) still gets every family it can.
 from __future__ import annotations
 
 import ctypes
+import errno
 import logging
 import os
 import time
 from dataclasses import dataclass, field
 
-from ktrace import libbpf, probes
+from ktrace import libbpf, libc, probes
 from ktrace.errors import BpfError, KtraceError
 from ktrace.events import generated
 
@@ -28,6 +29,7 @@ DEFAULT_MAP_SIZES = {
     "listeners": 4096,  # listening (netns, port) pairs
     "connects": 8192,  # connect() calls in flight
     "udp_flows": 16384,  # UDP flows counted in the kernel; idle ones are drained when it fills
+    "lookups": 4096,  # threads inside a libc resolver call (dns_names)
 }
 DNS_PORTS = (53,)
 MAX_DNS_PORTS = next(v for v, name in generated.UDP_SIZES.items() if name == "max_dns_ports")
@@ -64,6 +66,7 @@ class Capture:
         self.pending: list[bytes] = []
         self.ring = libbpf.RingBuffer(self._events.fd, self._on_record)
         self.map_report = _map_report(objects)
+        self.notes: dict[str, str] = {}  # family → how its hook was attached, for the probe table
         self._flows = self._flows_inserted = None
         if "udp.bpf.o" in objects:
             self._flows = objects["udp.bpf.o"].map("udp_flows")
@@ -225,6 +228,60 @@ def _attach_cgroup(prog: libbpf.Program) -> libbpf.Link:
         os.close(fd)
 
 
+def _attach_libc(progs: list[libbpf.Program]) -> tuple[list[libbpf.Link], str]:
+    """Attach each uprobe program to its function (probes.UPROBES) in every libc file found.
+
+    A function missing from one file (another libc's symbol set) is left out there;
+    only a family with nothing attached anywhere fails. Returns the links and one
+    line for the probe table: which files were probed and which not, and why.
+    """
+    found = libc.discover()
+    by_function: dict[str, list[libbpf.Program]] = {}
+    # the return probe first: an entry probe without one would leave its lookups behind in the map
+    for prog in sorted(progs, key=lambda p: not probes.UPROBES[p.name][1]):
+        by_function.setdefault(probes.UPROBES[prog.name][0], []).append(prog)
+    links: list[libbpf.Link] = []
+    probed: list[str] = []
+    problems: list[str] = [f"{shown}: {reason}" for shown, reason in found.skipped]
+    first_error: BpfError | None = None
+    try:
+        for f in found.files:
+            missing = []
+            for function, pair in by_function.items():
+                attached: list[libbpf.Link] = []
+                try:
+                    for prog in pair:
+                        attached.append(prog.attach_uprobe(f.path, function, probes.UPROBES[prog.name][1]))
+                except BpfError as exc:
+                    for link in attached:
+                        link.destroy()
+                    first_error = first_error or exc
+                    # ENOENT: libbpf found no such symbol in this file
+                    why = "" if exc.errno == errno.ENOENT else f" ({libbpf.strerror(exc.errno)})"
+                    missing.append(function + why)
+                    continue
+                links += attached
+            if len(missing) < len(by_function):
+                probed.append(f.shown)
+            if missing:
+                problems.append(f"{f.shown}: not probed: {', '.join(missing)}")
+    except BaseException:
+        for link in links:
+            link.destroy()
+        raise
+    if not links:
+        raise BpfError(f"{progs[0].name}: no libc function could be probed ({'; '.join(problems[:5])})",
+                       first_error.errno if first_error else errno.ENOENT, program=progs[0].name)
+    note = f"uprobes on {len(probed)} libc file(s): {', '.join(probed[:8])}"
+    if len(probed) > 8:
+        note += f" and {len(probed) - 8} more"
+    if problems:
+        note += f"; {len(problems)} problem(s): {'; '.join(problems[:8])}"
+    if not found.complete:
+        note += f"; /proc scan stopped after {found.processes} processes (time budget)"
+    return links, note
+
+
 def load(config: CaptureConfig) -> Capture:
     """Resolve every selected family's chain on this kernel and attach the winners."""
     families = _selected(config)
@@ -272,7 +329,10 @@ def load(config: CaptureConfig) -> Capture:
                 status.chosen, status.status = hook.label, "ok"
                 status.alternatives[fam.chain.index(hook)].status = "chosen"
                 skipped = [a for a in status.alternatives if a.status in ("refused", "unsupported")]
-                status.reason = "; ".join(f"{a.hook}: {a.reason}" for a in skipped)
+                status.reason = "; ".join([f"{a.hook}: {a.reason}" for a in skipped]
+                                          + ([capture.notes[fam.name]] if fam.name in capture.notes else []))
+            else:  # every alternative was unsupported or refused; the other families went ahead
+                status.reason = "; ".join(f"{a.hook}: {a.status} ({a.reason})" for a in status.alternatives)
         capture.table = [table[f.name] for f in families]
         return capture
     for fam in families:
@@ -300,7 +360,7 @@ def _load_and_attach(by_object: dict[str, set[str]], config: CaptureConfig,
             if not shared:
                 shared = {name: obj.map(name).fd for name in SHARED_MAPS}
                 _fill_ports(obj.map("ports"), config.ports)
-        iterators = []
+        iterators, uprobes = [], []
         for obj_name, programs in by_object.items():
             for prog in objects[obj_name].programs():
                 if prog.name not in programs:
@@ -309,8 +369,16 @@ def _load_and_attach(by_object: dict[str, set[str]], config: CaptureConfig,
                     iterators.append(prog)
                 elif prog.section.startswith("cgroup/"):
                     links.append(_attach_cgroup(prog))
+                elif prog.name in probes.UPROBES:
+                    uprobes.append(prog)
                 else:
                     links.append(prog.attach())
+        notes = {}
+        if uprobes:
+            uprobe_links, note = _attach_libc(uprobes)
+            links += uprobe_links
+            names = {p.name for p in uprobes}
+            notes = {f.name: note for f in probes.FAMILIES if f.programs() & names}
         # iterators see the state before the window; the probes attached above keep it current from here on
         for prog in iterators:
             link = prog.attach_iter()
@@ -318,7 +386,9 @@ def _load_and_attach(by_object: dict[str, set[str]], config: CaptureConfig,
                 link.run_iter()
             finally:
                 link.destroy()
-        return Capture(objects, links, list(table.values()), config)
+        capture = Capture(objects, links, list(table.values()), config)
+        capture.notes = notes
+        return capture
     except BaseException:
         for link in links:
             link.destroy()

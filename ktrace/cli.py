@@ -143,9 +143,15 @@ def cli() -> None:
 @click.option("--max-bytes", type=Size(), default=None,
               help="Write at most this many bytes of events (500k, 20M); the rest are counted as capped.")
 @click.option("--probes", "families", type=FamilyList(), default=None,
-              help=f"Probe families to load. [default: all: {','.join(probes.FAMILY_BY_NAME)}]")
+              help=f"Probe families to load, of: {','.join(probes.FAMILY_BY_NAME)}. "
+                   f"[default: {','.join(f.name for f in probes.FAMILIES if f.default)}]")
 @click.option("--with-connect-latency/--without-connect-latency", default=True, show_default=True,
               help="Record connect() calls with errno and syscall time (the handshake time is always recorded).")
+@click.option("--with-dns-names", is_flag=True,
+              help="Also record the host names processes look up, with the result and the time each lookup took "
+                   "(uprobes on getaddrinfo and gethostbyname* in glibc and musl). The names go into the bundle. "
+                   "Resolvers that bypass libc are not covered: Go programs, statically linked binaries, dig, "
+                   "nslookup.")
 @click.option("--ring-size", type=Size(), default="8M", show_default=True,
               help="Ring buffer size (a power of two).")
 @click.option("--ready-file", type=click.Path(path_type=Path), default=None,
@@ -154,8 +160,8 @@ def cli() -> None:
 @click.option("--quiet", "-q", is_flag=True, help="Only errors.")
 def snapshot(duration: float, out_dir: Path, node: str | None, ports: tuple[int, ...] | None, dns_only: bool,
              dns_ports: tuple[int, ...], dns_timeout: float, udp_flows: int, sample: int, max_events: int | None,
-             max_bytes: int | None, families: tuple[str, ...] | None, with_connect_latency: bool, ring_size: int,
-             ready_file: Path | None, verbose: int, quiet: bool) -> int:
+             max_bytes: int | None, families: tuple[str, ...] | None, with_connect_latency: bool,
+             with_dns_names: bool, ring_size: int, ready_file: Path | None, verbose: int, quiet: bool) -> int:
     """Record TCP, UDP and DNS activity for a fixed window and write a bundle.
 
     \b
@@ -171,6 +177,7 @@ def snapshot(duration: float, out_dir: Path, node: str | None, ports: tuple[int,
       sudo ktrace --duration=60s --dns-only
       sudo ktrace --duration=2m --ports=443,6443 --sample 10
       sudo ktrace --duration=60s --max-events=100000
+      sudo ktrace --duration=60s --dns-only --with-dns-names
     """
     from ktrace.snapshot import SnapshotOptions, run
 
@@ -185,6 +192,8 @@ def snapshot(duration: float, out_dir: Path, node: str | None, ports: tuple[int,
         raise click.BadParameter("--dns-only filters on --dns-ports; leave --ports out", param_hint="--ports")
     if dns_only:
         selected += tuple(f for f in ("dns", "udp_peers") if f not in selected)
+    if with_dns_names and "dns_names" not in selected:
+        selected += ("dns_names",)
     opts = SnapshotOptions(duration_s=duration, out_dir=out_dir, node=node or "", ports=ports or (),
                            dns_ports=dns_ports, dns_only=dns_only, dns_timeout_s=dns_timeout, udp_flows=udp_flows,
                            sample=sample,

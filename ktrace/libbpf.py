@@ -62,6 +62,13 @@ _print_fn: Any = None  # keeps the log callback alive for the life of the proces
 _recent_log: collections.deque[str] = collections.deque(maxlen=400)
 
 
+class _UprobeOpts(ctypes.Structure):
+    """struct bpf_uprobe_opts of libbpf 1.1 (newer versions add fields after func_name and read sz)."""
+
+    _fields_ = [("sz", ctypes.c_size_t), ("ref_ctr_offset", ctypes.c_size_t), ("bpf_cookie", ctypes.c_uint64),
+                ("retprobe", ctypes.c_bool), ("func_name", ctypes.c_char_p)]
+
+
 class _BtfType(ctypes.Structure):
     _fields_ = [("name_off", ctypes.c_uint32), ("info", ctypes.c_uint32), ("size_or_type", ctypes.c_uint32)]
 
@@ -114,6 +121,7 @@ def _declare(lib: ctypes.CDLL) -> None:
     _sig(lib, "bpf_program__fd", i, vp)
     _sig(lib, "bpf_program__attach", vp, vp)
     _sig(lib, "bpf_program__attach_cgroup", vp, vp, i)
+    _sig(lib, "bpf_program__attach_uprobe_opts", vp, vp, i, cp, sz, ctypes.POINTER(_UprobeOpts))
     _sig(lib, "bpf_link__destroy", i, vp)
     _sig(lib, "bpf_link__fd", i, vp)
     _sig(lib, "bpf_program__attach_iter", vp, vp, vp)
@@ -283,6 +291,18 @@ class Program:
         if not ptr:
             err = _errno()
             raise BpfError(f"{self.name}: attach to cgroup failed ({strerror(err)})", err, program=self.name)
+        return Link(ptr, self.name)
+
+
+    def attach_uprobe(self, binary_path: str, func_name: str, retprobe: bool) -> Link:
+        """Attach to a function of an ELF file (found by its symbol), in every process that maps the file."""
+        opts = _UprobeOpts(sz=ctypes.sizeof(_UprobeOpts), retprobe=retprobe, func_name=func_name.encode())
+        kind = "uretprobe" if retprobe else "uprobe"
+        ptr = library().bpf_program__attach_uprobe_opts(self._ptr, -1, binary_path.encode(), 0, ctypes.byref(opts))
+        if not ptr:
+            err = _errno()
+            raise BpfError(f"{self.name}: attach {kind} {binary_path}:{func_name} failed ({strerror(err)})", err,
+                           program=self.name)
         return Link(ptr, self.name)
 
 

@@ -14,10 +14,11 @@ from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
 
-from ktrace import libbpf
+from ktrace import libbpf, libc
 
 TRACEFS_CANDIDATES = ("/sys/kernel/tracing", "/sys/kernel/debug/tracing")
 KPROBE_PMU = Path("/sys/bus/event_source/devices/kprobe/type")
+UPROBE_PMU = Path("/sys/bus/event_source/devices/uprobe/type")
 KALLSYMS = Path("/proc/kallsyms")
 
 
@@ -197,6 +198,22 @@ def cgroup_hook(attach: str) -> Callable[[], CheckResult]:
     return check
 
 
+def libc_uprobes() -> Callable[[], CheckResult]:
+    """uprobes through the perf PMU, on at least one libc file of this node."""
+
+    @functools.cache
+    def check() -> CheckResult:
+        if not UPROBE_PMU.exists():
+            return CheckResult(Verdict.UNSUPPORTED, "no uprobe PMU (kernel built without CONFIG_UPROBE_EVENTS)")
+        found = libc.discover()
+        if not found.files:
+            why = "; ".join(f"{shown}: {reason}" for shown, reason in found.skipped[:5])
+            return CheckResult(Verdict.UNSUPPORTED, "no libc file found" + (f" ({why})" if why else ""))
+        return SUPPORTED
+
+    return check
+
+
 def all_of(*checks: Callable[[], CheckResult]) -> Callable[[], CheckResult]:
     def check() -> CheckResult:
         results = [c() for c in checks]
@@ -298,6 +315,34 @@ FAMILIES += (
         "udp.bpf.o",
         description="DNS queries and replies (UDP and TCP) to and from --dns-ports, paired with their replies",
         chain=UDP_DNS_CHAIN,
+    ),
+)
+
+# dns_names: program → (libc function, whether it is the return probe). The sections are generic
+# (SEC("uprobe"), SEC("uretprobe")): capture.py attaches each program to its function in every libc file.
+UPROBES = {
+    "kt_gai_enter": ("getaddrinfo", False),
+    "kt_gai_exit": ("getaddrinfo", True),
+    "kt_ghbn_enter": ("gethostbyname", False),
+    "kt_ghbn_exit": ("gethostbyname", True),
+    "kt_ghbn2_enter": ("gethostbyname2", False),
+    "kt_ghbn2_exit": ("gethostbyname2", True),
+    "kt_ghbn_r_enter": ("gethostbyname_r", False),
+    "kt_ghbn_r_exit": ("gethostbyname_r", True),
+    "kt_ghbn2_r_enter": ("gethostbyname2_r", False),
+    "kt_ghbn2_r_exit": ("gethostbyname2_r", True),
+}
+
+FAMILIES += (
+    Family(
+        "dns_names",
+        "dns_names.bpf.o",
+        description="host names looked up through libc (getaddrinfo, gethostbyname*): name, result and latency "
+                    "per process; opt-in (--with-dns-names) because it records the names",
+        default=False,
+        chain=(
+            Hook("uprobe/libc:getaddrinfo,gethostbyname{,2}{,_r}", tuple(UPROBES), libc_uprobes(), "4.17"),
+        ),
     ),
 )
 

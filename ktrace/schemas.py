@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any, Union
 
 from ktrace.errors import KtraceError
-from ktrace.events import decode
 from ktrace.events.decode import family_and_weight
 
 NAMES = ("events", "summary", "node")
@@ -144,15 +143,14 @@ def _kind_of(name: str) -> str | None:
 
 
 def _check_events(data: bytes, errors: list[str], max_errors: int) -> Counter[str]:
-    """Validate the lines of events.jsonl (until max_errors are found); returns the kernel events per family
-    (a udp_flow line stands for its datagrams)."""
+    """Validate the lines of events.jsonl (until max_errors are found); returns the kernel events per family."""
     families: Counter[str] = Counter()
     if data and not data.endswith(b"\n"):
         errors.append("events.jsonl: the last line is not terminated (a cut file?)")
     for number, line in enumerate(data.splitlines(), 1):
         where = f"events.jsonl:{number}"
         if len(errors) > max_errors:
-            _count_family(families, _parse(line))  # keep counting for the cross-checks, stop validating
+            _count_family(families, _event_of(line))  # keep counting for the cross-checks, stop validating
             continue
         try:
             event = json.loads(line)
@@ -167,7 +165,7 @@ def _check_events(data: bytes, errors: list[str], max_errors: int) -> Counter[st
     return families
 
 
-def _parse(line: bytes) -> object:
+def _event_of(line: bytes) -> object:
     try:
         return json.loads(line)
     except ValueError:
@@ -175,17 +173,18 @@ def _parse(line: bytes) -> object:
 
 
 def _count_family(families: Counter[str], event: object) -> None:
+    """Add the kernel events a line stands for to its probe family, as the summary counts them."""
     if not isinstance(event, dict):
         return
     try:
         family, weight = family_and_weight(event)
     except (KeyError, TypeError):
-        family, weight = decode.FAMILY_OF_TYPE.get(str(event.get("type"))), 1
+        family, weight = str(event.get("type")), 1
     if family is not None:
         families[family] += weight
 
 
-def _check_consistency(summary: dict, contents: dict[str, bytes], types: Counter[str] | None,
+def _check_consistency(summary: dict, contents: dict[str, bytes], families: Counter[str] | None,
                        errors: list[str]) -> None:
     files = summary.get("files")
     if not isinstance(files, dict):
@@ -205,8 +204,8 @@ def _check_consistency(summary: dict, contents: dict[str, bytes], types: Counter
             if key in node_entry and node_entry[key] != actual:
                 errors.append(f"summary.json: files.node.{key} is {node_entry[key]!r}, node.json has {actual!r}")
     by_family = (summary.get("losses") or {}).get("by_family")
-    if types is not None and isinstance(by_family, dict):
+    if families is not None and isinstance(by_family, dict):
         for family, row in by_family.items():
-            if isinstance(row, dict) and row.get("written", 0) != types.get(family, 0):
+            if isinstance(row, dict) and row.get("written", 0) != families.get(family, 0):
                 errors.append(f"summary.json: losses.by_family.{family}.written is {row.get('written')!r}, "
-                              f"events.jsonl has {types.get(family, 0)} {family} events")
+                              f"events.jsonl holds {families.get(family, 0)} {family} events")

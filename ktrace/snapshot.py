@@ -58,7 +58,7 @@ class SnapshotOptions:
             "ports": list(self.ports), "dns_ports": list(self.dns_ports), "dns_only": self.dns_only,
             "dns_timeout_s": self.dns_timeout_s, "udp_flows": self.udp_flows, "sample": self.sample,
             "max_events": self.max_events, "max_bytes": self.max_bytes, "probes": list(self.families),
-            "ring_bytes": self.ring_bytes,
+            "ring_bytes": self.ring_bytes, "with_dns_names": "dns_names" in self.families,
         }
 
 

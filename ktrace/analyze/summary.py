@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections import Counter
 
 from ktrace.analyze.dns import DnsAnalysis
+from ktrace.analyze.lookups import LookupAnalysis
 from ktrace.analyze.tcp import TcpAnalysis
 from ktrace.analyze.udp import UdpAnalysis
 
@@ -20,17 +21,20 @@ class Summary:
         self.tcp = TcpAnalysis()
         self.udp = UdpAnalysis()
         self.dns = DnsAnalysis()
+        self.lookups = LookupAnalysis()
 
     def add(self, event: dict, line: int | None) -> None:
         self.counts[event["type"]] += 1
         self.tcp.add(event, line)
         self.udp.add(event, line)
         self.dns.add(event, line)
+        self.lookups.add(event, line)
 
     def build(self, *, meta: dict, losses: dict[str, dict[str, int]], probes: list[dict], files: dict,
               warnings: list[str], udp_map: dict | None = None) -> dict:
         """udp_map: the kernel flow map's size and use, when the udp family ran (not known offline)."""
-        findings = self.dns.findings(meta.get("options", {}).get("dns_timeout_s")) + self.tcp.findings()
+        findings = (self.dns.findings(meta.get("options", {}).get("dns_timeout_s")) + self.lookups.findings()
+                    + self.tcp.findings())
         total = {kind: sum(f.get(kind, 0) for f in losses.values())
                  for kind in ("seen", "written", "aggregated", *LOSS_KINDS)}
         unaccounted = sum(abs(f["seen"] - f["written"] - sum(f[k] for k in LOSS_KINDS)) for f in losses.values())
@@ -54,6 +58,7 @@ class Summary:
             "udp": {**self.udp.summary(), "kernel_map": udp_map},
             "dns": self.dns.summary(),
             "dns_suspects": self.dns.suspects(),
+            "dns_lookups": self.lookups.summary(),
             "findings": findings,
             "files": files,
             "warnings": warnings,

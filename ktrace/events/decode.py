@@ -24,6 +24,16 @@ TCP_STATES = {
     13: "BOUND_INACTIVE",
 }
 ADDRESS_FAMILIES = {2: "ipv4", 10: "ipv6"}
+# getaddrinfo's return codes (glibc netdb.h; musl uses the same values for the ones it has)
+EAI_NAMES = {
+    -1: "EAI_BADFLAGS", -2: "EAI_NONAME", -3: "EAI_AGAIN", -4: "EAI_FAIL", -5: "EAI_NODATA", -6: "EAI_FAMILY",
+    -7: "EAI_SOCKTYPE", -8: "EAI_SERVICE", -9: "EAI_ADDRFAMILY", -10: "EAI_MEMORY", -11: "EAI_SYSTEM",
+    -12: "EAI_OVERFLOW", -100: "EAI_INPROGRESS", -101: "EAI_CANCELED", -102: "EAI_NOTCANCELED",
+    -103: "EAI_ALLDONE", -104: "EAI_INTR", -105: "EAI_IDN_ENCODE",
+}
+# h_errno of the gethostbyname family (netdb.h)
+H_ERRNO_NAMES = {-1: "NETDB_INTERNAL", 1: "HOST_NOT_FOUND", 2: "TRY_AGAIN", 3: "NO_RECOVERY", 4: "NO_DATA"}
+LOOKUP_FAMILIES = {0: "any", 2: "ipv4", 10: "ipv6"}
 PROTOCOLS = {6: "tcp", 17: "udp"}
 SCHEMA_VERSION = 1
 
@@ -52,13 +62,14 @@ KIND_FIELDS = {
     "reset": ("skaddr", "direction", "state", "reason"),
     "udp_flow": ("direction", "netns", "packets", "bytes", "errors", "last_error", "last_ns"),
     "dns": ("skaddr", "netns", "protocol", "message", "role", "ret"),
+    "dns_lookup": ("function", "name", "family", "ret", "h_errno", "latency_ns"),
 }
 # The event types a kind decodes to, where they are not just the kind's name.
 TYPES_OF_KIND = {"dns": ("dns_query", "dns_reply")}
 # The probe family an event type is counted against in the loss table; user-space types have none.
 FAMILY_OF_TYPE = {
     "tcp_state": "tcp_state", "connect": "connect", "retransmit": "retransmit", "reset": "reset",
-    "udp_flow": "udp", "dns_query": "dns", "dns_reply": "dns",
+    "udp_flow": "udp", "dns_query": "dns", "dns_reply": "dns", "dns_lookup": "dns_names",
 }
 _TASK_BLOCK = slice(16, 96)  # struct kt_task inside every record, after struct kt_hdr
 
@@ -243,6 +254,29 @@ class Decoder:
         event["bytes"] = ret if ret >= 0 else None
         event["error"] = errno_name(ret) if ret < 0 else None
         return "dns_query" if message == 1 else "dns_reply"
+
+    def _fmt_dns_lookup(self, event: dict, f: tuple) -> str:
+        function, name, family, ret, h_errno, latency_ns = f
+        fn = generated.LOOKUP_FUNCTION.get(function, str(function))
+        event["function"] = fn
+        event["name"] = name.split(b"\0", 1)[0].decode("utf-8", "replace")
+        event["family"] = LOOKUP_FAMILIES.get(family, str(family))
+        event["result"] = lookup_result(fn, ret, h_errno)
+        event["ret"] = ret
+        event["latency_ms"] = round(latency_ns / 1e6, 3)
+        return "dns_lookup"
+
+
+def lookup_result(function: str, ret: int, h_errno: int) -> str:
+    """"ok", or why a lookup failed: an EAI_* name (getaddrinfo), an errno name (a failed _r call), an h_errno
+    name (the gethostbyname family found nothing), "failed" (gethostbyname returned NULL, reason unknown)."""
+    if function == "getaddrinfo":
+        return "ok" if ret == 0 else EAI_NAMES.get(ret, str(ret))
+    if function.endswith("_r") and ret != 0:
+        return errno_name(ret) or str(ret)
+    if ret == 0 and h_errno == 0:
+        return "ok"
+    return H_ERRNO_NAMES.get(h_errno, str(h_errno)) if h_errno else "failed"
 
 
 def kernel_reset_reasons(btf: object | None) -> dict[int, str]:

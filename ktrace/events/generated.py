@@ -10,6 +10,7 @@ KIND = {
     4: 'reset',
     5: 'udp_flow',
     6: 'dns',
+    7: 'dns_lookup',
 }
 
 FAMILY = {
@@ -19,6 +20,7 @@ FAMILY = {
     3: 'reset',
     4: 'udp',
     5: 'dns',
+    6: 'dns_names',
 }
 
 ATTRIBUTION = {
@@ -51,6 +53,57 @@ DNS_ROLE = {
 UDP_SIZES = {
     16: 'max_dns_ports',
 }
+
+LOOKUP_FUNCTION = {
+    1: 'getaddrinfo',
+    2: 'gethostbyname',
+    3: 'gethostbyname2',
+    4: 'gethostbyname_r',
+    5: 'gethostbyname2_r',
+}
+
+DNS_LOOKUP_EVENT = Layout(
+    'kt_dns_lookup_event',
+    376,
+    (
+        Field('hdr.ts_ns', 0, 'Q', '__u64'),
+        Field('hdr.kind', 8, 'H', '__u16'),
+        Field('hdr.size', 10, 'H', '__u16'),
+        Field('hdr.cpu', 12, 'I', '__u32'),
+        Field('task.cgroup_id', 16, 'Q', '__u64'),
+        Field('task.memcg_id', 24, 'Q', '__u64'),
+        Field('task.cap_effective', 32, 'Q', '__u64'),
+        Field('task.pid', 40, 'I', '__u32'),
+        Field('task.tgid', 44, 'I', '__u32'),
+        Field('task.ppid', 48, 'I', '__u32'),
+        Field('task.uid', 52, 'I', '__u32'),
+        Field('task.gid', 56, 'I', '__u32'),
+        Field('task.netns', 60, 'I', '__u32'),
+        Field('task.mntns', 64, 'I', '__u32'),
+        Field('task.pidns', 68, 'I', '__u32'),
+        Field('task.userns', 72, 'I', '__u32'),
+        Field('task.seccomp_mode', 76, 'I', '__u32'),
+        Field('task.comm', 80, '16s', '__u8[16]'),
+        Field('latency_ns', 96, 'Q', '__u64'),
+        Field('ret', 104, 'i', '__s32'),
+        Field('h_errno', 108, 'i', '__s32'),
+        Field('family', 112, 'H', '__u16'),
+        Field('function', 114, 'B', '__u8'),
+        Field('name', 120, '256s', '__u8[256]'),
+    ),
+)
+
+COUNTERS = Layout(
+    'kt_counters',
+    40,
+    (
+        Field('seen', 0, 'Q', '__u64'),
+        Field('filtered', 8, 'Q', '__u64'),
+        Field('sampled_out', 16, 'Q', '__u64'),
+        Field('ringbuf_full', 24, 'Q', '__u64'),
+        Field('aggregated', 32, 'Q', '__u64'),
+    ),
+)
 
 TCP_STATE_EVENT = Layout(
     'kt_tcp_state_event',
@@ -195,18 +248,6 @@ RESET_EVENT = Layout(
     ),
 )
 
-COUNTERS = Layout(
-    'kt_counters',
-    40,
-    (
-        Field('seen', 0, 'Q', '__u64'),
-        Field('filtered', 8, 'Q', '__u64'),
-        Field('sampled_out', 16, 'Q', '__u64'),
-        Field('ringbuf_full', 24, 'Q', '__u64'),
-        Field('aggregated', 32, 'Q', '__u64'),
-    ),
-)
-
 UDP_FLOW_EVENT = Layout(
     'kt_udp_flow_event',
     176,
@@ -303,4 +344,5 @@ LAYOUTS = {
     4: RESET_EVENT,
     5: UDP_FLOW_EVENT,
     6: DNS_EVENT,
+    7: DNS_LOOKUP_EVENT,
 }

@@ -29,6 +29,7 @@ DEFAULT_MAP_SIZES = {
     "connects": 8192,  # connect() calls in flight
     "udp_flows": 16384,  # UDP flows counted in the kernel; idle ones are drained when it fills
     "peers": 4096,  # unconnected UDP sends/receives in flight
+    "udp_calls": 8192,  # send/receive syscalls in flight on UDP sockets (the syscall alternative of udp/dns)
 }
 DNS_PORTS = (53,)
 # Drain idle UDP flows from the kernel map once it is this full, so new flows still fit.

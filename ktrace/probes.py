@@ -251,11 +251,18 @@ FAMILIES: tuple[Family, ...] = (
 )
 
 # udp and dns share their hooks: the programs look at rodata flags to know which of the two are on.
+_UDP_SYSCALLS = ("sendto", "sendmsg", "sendmmsg", "recvfrom", "recvmsg", "recvmmsg")
 UDP_DNS_CHAIN = (
     Hook("tp_btf/sock_{send,recv}_length", ("kt_udp_send_btf", "kt_udp_recv_btf"),
          all_of(tp_btf("sock_send_length"), tp_btf("sock_recv_length")), "6.3"),
     Hook("tracepoint/sock/sock_{send,recv}_length", ("kt_udp_send_tp", "kt_udp_recv_tp"),
          all_of(tracepoint("sock", "sock_send_length"), tracepoint("sock", "sock_recv_length")), "6.3"),
+    # older kernels: the six send and receive syscalls, the remote end read from the caller's memory;
+    # write()/read() on a connected UDP socket, io_uring and 32-bit syscalls are not seen
+    Hook("tracepoint/syscalls/sys_{enter,exit}_{send,recv}{to,msg,mmsg}",
+         tuple(f"kt_{call}_{end}" for call in _UDP_SYSCALLS for end in ("in", "out")),
+         all_of(*(tracepoint("syscalls", f"sys_{end}_{call}") for call in _UDP_SYSCALLS for end in ("enter", "exit"))),
+         "4.7"),
 )
 
 FAMILIES += (

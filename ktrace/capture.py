@@ -48,6 +48,8 @@ class CaptureConfig:
     wake_bytes: int = 256 << 10
     map_sizes: dict[str, int] = field(default_factory=lambda: dict(DEFAULT_MAP_SIZES))
     self_tgid: int = field(default_factory=os.getpid)
+    # alternatives (hook labels) treated as unavailable, so that a later one in their chain is used
+    skip_hooks: frozenset[str] = frozenset()
 
 
 class Capture:
@@ -173,6 +175,12 @@ def _selected(config: CaptureConfig) -> list[probes.Family]:
     return [f for f in probes.FAMILIES if f.name in config.families]
 
 
+def check_skip_hooks(labels: frozenset[str] | set[str]) -> None:
+    unknown = set(labels) - set(probes.HOOK_LABELS)
+    if unknown:
+        raise KtraceError(f"unknown hook {', '.join(sorted(unknown))}; known: {', '.join(probes.HOOK_LABELS)}")
+
+
 def _configure(obj: libbpf.BpfObject, config: CaptureConfig, shared: dict[str, int], enabled: set[str]) -> None:
     for prog in obj.programs():
         prog.set_autoload(prog.name in enabled)
@@ -221,6 +229,7 @@ def _attach_cgroup(prog: libbpf.Program) -> libbpf.Link:
 def load(config: CaptureConfig) -> Capture:
     """Resolve every selected family's chain on this kernel and attach the winners."""
     families = _selected(config)
+    check_skip_hooks(config.skip_hooks)
     table = {f.name: probes.FamilyStatus(
         f.name, alternatives=[probes.HookStatus(h.label, "not tried", min_kernel=h.min_kernel) for h in f.chain])
         for f in families}
@@ -232,6 +241,9 @@ def load(config: CaptureConfig) -> Capture:
             status = table[fam.name]
             for hook, row in zip(fam.chain, status.alternatives):
                 if hook.label in refused[fam.name]:
+                    continue
+                if hook.label in config.skip_hooks:
+                    row.status, row.reason = "skipped", "skipped by --skip-hook"
                     continue
                 result = hook.check()
                 if not result.ok:
@@ -264,19 +276,25 @@ def load(config: CaptureConfig) -> Capture:
                 hook = choice[fam.name]
                 status.chosen, status.status = hook.label, "ok"
                 status.alternatives[fam.chain.index(hook)].status = "chosen"
-                skipped = [a for a in status.alternatives if a.status in ("refused", "unsupported")]
+                skipped = [a for a in status.alternatives if a.status in ("refused", "unsupported", "skipped")]
                 status.reason = "; ".join(f"{a.hook}: {a.reason}" for a in skipped)
+            else:
+                status.reason = _missing_reason(status)
         capture.table = [table[f.name] for f in families]
         return capture
     for fam in families:
         status = table[fam.name]
         status.status = "missing"
-        status.reason = "; ".join(f"{a.hook}: {a.status} ({a.reason})" for a in status.alternatives)
+        status.reason = _missing_reason(status)
     missing = [f.name for f in families if f.required]
     raise KtraceError(
         f"no alternative of {', '.join(missing) or 'any family'} works on this kernel: "
         + " | ".join(table[name].reason for name in missing or table)
     )
+
+
+def _missing_reason(status: probes.FamilyStatus) -> str:
+    return "; ".join(f"{a.hook}: {a.status} ({a.reason})" for a in status.alternatives)
 
 
 def _load_and_attach(by_object: dict[str, set[str]], config: CaptureConfig,

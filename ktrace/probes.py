@@ -290,6 +290,8 @@ FAMILIES += (
 )
 
 FAMILY_BY_NAME = {f.name: f for f in FAMILIES}
+# Every alternative's label, in table order (a shared chain once): what --skip-hook accepts.
+HOOK_LABELS = tuple(dict.fromkeys(h.label for f in FAMILIES for h in f.chain))
 
 
 def object_path(obj: str) -> str:
@@ -302,7 +304,7 @@ def object_path(obj: str) -> str:
 @dataclass
 class HookStatus:
     hook: str
-    status: str  # chosen | available | refused | unsupported | not tried
+    status: str  # chosen | available | refused | unsupported | skipped | not tried
     reason: str = ""
     min_kernel: str = ""
 

@@ -46,6 +46,7 @@ class SnapshotOptions:
     max_bytes: int | None = None
     families: tuple[str, ...] = tuple(f.name for f in probes.FAMILIES if f.default)
     ring_bytes: int = 8 << 20
+    skip_hooks: frozenset[str] = frozenset()  # --skip-hook: alternatives treated as unavailable
     quiet: bool = False
     ready_file: Path | None = None
     status: TextIO = field(default_factory=lambda: sys.stderr)
@@ -57,6 +58,7 @@ class SnapshotOptions:
             "ports": list(self.ports), "dns_ports": list(self.dns_ports), "dns_only": self.dns_only,
             "dns_timeout_s": self.dns_timeout_s, "sample": self.sample, "max_events": self.max_events,
             "max_bytes": self.max_bytes, "probes": list(self.families), "ring_bytes": self.ring_bytes,
+            "skip_hooks": sorted(self.skip_hooks),
         }
 
 
@@ -185,7 +187,8 @@ def run(opts: SnapshotOptions) -> SnapshotResult:
     # --dns-only keeps TCP and UDP flows on DNS ports only, filtered in the kernel like --ports
     ports = opts.dns_ports if opts.dns_only else opts.ports
     config = capture.CaptureConfig(families=opts.families, ports=ports, dns_ports=opts.dns_ports,
-                                   dns_only=opts.dns_only, sample_every=opts.sample, ring_bytes=opts.ring_bytes)
+                                   dns_only=opts.dns_only, sample_every=opts.sample, ring_bytes=opts.ring_bytes,
+                                   skip_hooks=opts.skip_hooks)
     cap = capture.load(config)
     warnings = [f"{row.family}: no working probe ({row.reason})" for row in cap.table if row.status != "ok"]
     for warning in warnings:

@@ -11,7 +11,9 @@
  * connected socket the socket holds both ends. An unconnected socket has no
  * peer: the cgroup sock_addr hooks sendmsg4/6 and recvmsg4/6 see the address
  * the caller passed or gets back, and leave it for the length tracepoint that
- * follows in the same syscall.
+ * follows in the same syscall. Older kernels get the same datagrams from the
+ * tracepoints of the six send and receive syscalls (v4.7+), which read the
+ * remote end from the caller's own memory (alternative 3, at the end).
  *
  * Datagrams never cross the ring one by one: they are added to a flow in the
  * udp_flows map, which user space reads when the window ends. DNS messages are
@@ -440,4 +442,357 @@ SEC("cgroup/recvmsg6")
 int kt_peer_recv6(struct bpf_sock_addr *ctx)
 {
 	return kt_stash_peer(ctx, AF_INET6);
+}
+
+/*
+ * udp/dns, alternative 3: the tracepoints of the send and receive syscalls
+ * (v4.7+, CONFIG_FTRACE_SYSCALLS), for kernels without sock_send_length.
+ *
+ * Entry resolves the fd to its socket and keeps only AF_INET/AF_INET6 UDP
+ * sockets (and TCP ones on a DNS port), so that every other send and receive
+ * on the node (unix sockets, TCP connections) costs a few reads and no map
+ * update. Exit reads the remote end from the caller's memory: the sendto
+ * address, msg_name of a msghdr, or of each mmsghdr; for a receive the kernel
+ * has just written it there. No msg_name (a connected socket) means the socket
+ * holds the peer, as in the other alternatives.
+ *
+ * Not covered, unlike sock_*_length: write()/read() and writev()/readv() on a
+ * connected UDP socket (tracing them would mean an fd lookup on every file
+ * write and read of the node), io_uring, sendfile/splice, and 32-bit (compat)
+ * syscalls, which these tracepoints do not report (ARCH_TRACE_IGNORE_COMPAT_SYSCALLS).
+ * A sendmmsg/recvmmsg counts its first KT_MMSG_MAX messages only.
+ */
+#define KT_MMSG_MAX 8
+#define ERESTARTSYS 512
+#define ERESTART_RESTARTBLOCK 516
+
+/* The user ABI (64-bit) of the structs read from the caller's memory. */
+#define KT_MSGHDR_NAMELEN 8	/* struct user_msghdr: void *msg_name at 0, int msg_namelen at 8 */
+#define KT_MMSGHDR_LEN 56	/* struct mmsghdr: struct user_msghdr, then unsigned int msg_len */
+#define KT_MMSGHDR_SIZE 64
+#define KT_SOCKADDR_IN_LEN 16	/* family, port, 4-byte address at 4 */
+#define KT_SOCKADDR_IN6_LEN 24	/* family, port, flowinfo, 16-byte address at 8 (scope id optional) */
+
+enum kt_udp_syscall {
+	KT_CALL_SENDTO = 1,
+	KT_CALL_SENDMSG = 2,
+	KT_CALL_SENDMMSG = 3,
+	KT_CALL_RECVFROM = 4,
+	KT_CALL_RECVMSG = 5,
+	KT_CALL_RECVMMSG = 6,
+};
+
+/* A send or receive syscall between its entry and its exit. */
+struct kt_udp_call {
+	__u64 sk;		/* the socket behind the fd, at entry */
+	__u64 uaddr;		/* sendto/recvfrom: struct sockaddr __user *; the others: their (m)msghdr __user * */
+	__u64 ulen;		/* recvfrom: int __user *, where the kernel writes the address length */
+	__u32 namelen;		/* sendto: addr_len; recvfrom, recvmsg: the size of the address buffer at entry */
+	__u32 flags;		/* the syscall's flags (MSG_PEEK) */
+	__u16 family;		/* the socket's */
+	__u8 call;		/* enum kt_udp_syscall, so an exit never takes another syscall's entry */
+	__u8 _pad[5];
+};
+
+/*
+ * Thread (pid_tgid) → its send or receive syscall in flight on a socket
+ * alternative 3 counts. Inserted at syscall entry, deleted at its exit. The
+ * exit of a syscall that was already running when the probes attached finds
+ * nothing. A plain hash, not an LRU one: an LRU update costs about 140 ns more
+ * on this path, which runs for every datagram, and entries cannot pile up
+ * (one per thread, overwritten by its next syscall; only an exit missed while
+ * the probes attach leaves one behind). When it is full, the syscalls of more
+ * threads than it holds, all blocked at once, go uncounted.
+ */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 8192);
+	__type(key, __u64);
+	__type(value, struct kt_udp_call);
+} udp_calls SEC(".maps");
+
+/* A TCP socket either end of which is a DNS port: the only TCP traffic these families count. */
+static __always_inline bool kt_sk_on_dns_port(const struct sock *sk)
+{
+	__u16 sport = bpf_ntohs(BPF_CORE_READ((struct inet_sock *)sk, inet_sport));
+	__u16 dport = bpf_ntohs(BPF_CORE_READ(sk, __sk_common.skc_dport));
+
+	return kt_is_dns_port(sport) || kt_is_dns_port(dport);
+}
+
+static __always_inline int kt_call_enter(__u8 call, int fd, __u64 uaddr, __u64 arg, __u32 flags)
+{
+	struct kt_udp_call c = {};
+	__u64 id = bpf_get_current_pid_tgid();
+	struct sock *sk;
+	__u16 protocol;
+
+	if (kt_is_self())
+		return 0;
+	sk = kt_sock_of_fd(fd);
+	if (!sk)
+		return 0;
+	c.family = BPF_CORE_READ(sk, __sk_common.skc_family);
+	if (c.family != AF_INET && c.family != AF_INET6)
+		return 0;
+	protocol = kt_sk_protocol(sk);
+	if (protocol == IPPROTO_TCP) {
+		if (!kt_want_dns || !kt_sk_on_dns_port(sk))
+			return 0;
+	} else if (protocol != IPPROTO_UDP) {
+		return 0;
+	}
+	c.sk = (__u64)sk;
+	c.uaddr = uaddr;
+	c.flags = flags;
+	c.call = call;
+	if (call == KT_CALL_SENDTO) {
+		c.namelen = arg;
+	} else if (call == KT_CALL_RECVFROM) {
+		/*
+		 * The kernel writes back the address's full length, even when it
+		 * copied less into a short buffer: remember the buffer's size.
+		 */
+		c.ulen = arg;
+		if (uaddr && arg)
+			bpf_probe_read_user(&c.namelen, sizeof(c.namelen), (void *)arg);
+	} else if (call == KT_CALL_RECVMSG && uaddr) {
+		bpf_probe_read_user(&c.namelen, sizeof(c.namelen), (void *)uaddr + KT_MSGHDR_NAMELEN);
+	}
+	bpf_map_update_elem(&udp_calls, &id, &c, BPF_ANY);
+	return 0;
+}
+
+/*
+ * The entry of this thread's syscall, copied out of the map and deleted. Also
+ * drops what the udp_peers cgroup hooks stashed during the syscall: here the
+ * caller's memory says where each datagram went, and a leftover entry would be
+ * taken by a later datagram of the thread.
+ */
+static __always_inline bool kt_call_take(__u8 call, struct kt_udp_call *c)
+{
+	__u64 id = bpf_get_current_pid_tgid();
+	struct kt_udp_call *found = bpf_map_lookup_elem(&udp_calls, &id);
+	struct kt_peer *stashed;
+	__u32 zero = 0;
+
+	if (!found)
+		return false;
+	__builtin_memcpy(c, found, sizeof(*c));
+	bpf_map_delete_elem(&udp_calls, &id);
+	stashed = bpf_map_lookup_elem(&peers, &zero);
+	if (stashed && stashed->pid_tgid == id)
+		stashed->pid_tgid = 0;
+	return c->call == call;
+}
+
+/*
+ * A restarted syscall (a signal arrived while it blocked) exits with an
+ * internal -ERESTART* code and enters again: not a failure the caller sees.
+ */
+static __always_inline bool kt_restarted(long ret)
+{
+	return ret <= -ERESTARTSYS && ret >= -ERESTART_RESTARTBLOCK;
+}
+
+/*
+ * The remote end from a sockaddr in user memory, len bytes of it valid, in the
+ * family of the socket: an AF_INET6 socket may send to an AF_INET address, which
+ * it reaches as ::ffff:a.b.c.d. False when there is no usable address.
+ */
+static __always_inline bool kt_user_peer(__u64 uaddr, __u32 len, __u16 sk_family, struct kt_peer *p)
+{
+	struct {
+		__u16 family;
+		__be16 port;
+		__u32 addr4;	/* sockaddr_in: the address; sockaddr_in6: flowinfo */
+	} head;
+
+	if (!uaddr || len < sizeof(head) || bpf_probe_read_user(&head, sizeof(head), (void *)uaddr))
+		return false;
+	__builtin_memset(p, 0, sizeof(*p));
+	if (head.family == AF_INET && len >= KT_SOCKADDR_IN_LEN) {
+		if (sk_family == AF_INET6) {
+			p->addr[10] = 0xff;
+			p->addr[11] = 0xff;
+			__builtin_memcpy(&p->addr[12], &head.addr4, 4);
+		} else {
+			__builtin_memcpy(p->addr, &head.addr4, 4);
+		}
+	} else if (head.family == AF_INET6 && len >= KT_SOCKADDR_IN6_LEN && sk_family == AF_INET6) {
+		if (bpf_probe_read_user(p->addr, KT_ADDR_LEN, (void *)uaddr + 8))
+			return false;
+	} else {
+		return false;
+	}
+	p->port = bpf_ntohs(head.port);
+	p->family = sk_family;
+	return true;
+}
+
+/* The remote end named by a msghdr (or the msghdr of an mmsghdr) in user memory; len_cap 0 = no cap. */
+static __always_inline bool kt_msghdr_peer(__u64 msghdr, __u32 len_cap, __u16 sk_family, struct kt_peer *p)
+{
+	struct {
+		__u64 name;
+		__u32 namelen;
+	} h;
+
+	if (!msghdr || bpf_probe_read_user(&h, sizeof(h), (void *)msghdr))
+		return false;
+	if (len_cap && h.namelen > len_cap)
+		h.namelen = len_cap;
+	return kt_user_peer(h.name, h.namelen, sk_family, p);
+}
+
+/* sendto and sendmsg: one datagram, or one failure. */
+static __always_inline int kt_send_exit(__u8 call, long ret)
+{
+	struct kt_udp_call c;
+	struct kt_peer p;
+	bool named;
+
+	if (!kt_call_take(call, &c) || kt_restarted(ret))
+		return 0;
+	if (call == KT_CALL_SENDTO)
+		named = kt_user_peer(c.uaddr, c.namelen, c.family, &p);
+	else
+		named = kt_msghdr_peer(c.uaddr, 0, c.family, &p);
+	return kt_datagram((struct sock *)c.sk, ret, c.flags, KT_DIR_EGRESS, named ? &p : NULL);
+}
+
+/* recvfrom and recvmsg: one datagram, whose source the kernel wrote to the caller's buffer, or one failure. */
+static __always_inline int kt_recv_exit(__u8 call, long ret)
+{
+	struct kt_udp_call c;
+	struct kt_peer p;
+	bool named = false;
+	__u32 len = 0;
+
+	if (!kt_call_take(call, &c) || kt_restarted(ret))
+		return 0;
+	if (ret >= 0 && c.uaddr) {
+		if (call == KT_CALL_RECVFROM) {
+			if (c.ulen && !bpf_probe_read_user(&len, sizeof(len), (void *)c.ulen))
+				named = kt_user_peer(c.uaddr, len < c.namelen ? len : c.namelen, c.family, &p);
+		} else {
+			named = kt_msghdr_peer(c.uaddr, c.namelen, c.family, &p);
+		}
+	}
+	return kt_datagram((struct sock *)c.sk, ret, c.flags, KT_DIR_INGRESS, named ? &p : NULL);
+}
+
+/*
+ * sendmmsg and recvmmsg: ret is the number of messages sent or received, and
+ * each is one datagram of its msg_len bytes to or from its own msg_name. A
+ * failed call is one failure (of the first message, when sending). A message
+ * that fails after others were sent is not reported by the syscall, so it is
+ * not counted; and the address lengths recvmmsg writes back are trusted (a
+ * buffer shorter than the address is not detected, unlike recvfrom/recvmsg).
+ */
+static __always_inline int kt_mmsg_exit(__u8 call, long ret, __u8 direction)
+{
+	struct kt_udp_call c;
+	struct kt_peer p;
+	__u64 entry;
+	__u32 len;
+	bool named;
+	int i;
+
+	if (!kt_call_take(call, &c) || kt_restarted(ret) || ret == 0)
+		return 0;
+	if (ret < 0) {
+		named = direction == KT_DIR_EGRESS && kt_msghdr_peer(c.uaddr, 0, c.family, &p);
+		return kt_datagram((struct sock *)c.sk, ret, c.flags, direction, named ? &p : NULL);
+	}
+	/* a bounded loop (v5.3+, older than the ring buffer this object needs anyway) */
+	for (i = 0; i < KT_MMSG_MAX; i++) {
+		if (i >= ret)
+			break;
+		entry = c.uaddr + (__u64)i * KT_MMSGHDR_SIZE;
+		len = 0;
+		if (bpf_probe_read_user(&len, sizeof(len), (void *)entry + KT_MMSGHDR_LEN))
+			break;
+		named = kt_msghdr_peer(entry, 0, c.family, &p);
+		kt_datagram((struct sock *)c.sk, len, c.flags, direction, named ? &p : NULL);
+	}
+	return 0;
+}
+
+SEC("tracepoint/syscalls/sys_enter_sendto")
+int kt_sendto_in(struct trace_event_raw_sys_enter *ctx)
+{
+	/* sendto(fd, buf, len, flags, addr, addr_len); send() is sendto with no address */
+	return kt_call_enter(KT_CALL_SENDTO, (int)ctx->args[0], ctx->args[4], ctx->args[5], (__u32)ctx->args[3]);
+}
+
+SEC("tracepoint/syscalls/sys_exit_sendto")
+int kt_sendto_out(struct trace_event_raw_sys_exit *ctx)
+{
+	return kt_send_exit(KT_CALL_SENDTO, ctx->ret);
+}
+
+SEC("tracepoint/syscalls/sys_enter_sendmsg")
+int kt_sendmsg_in(struct trace_event_raw_sys_enter *ctx)
+{
+	/* sendmsg(fd, msg, flags) */
+	return kt_call_enter(KT_CALL_SENDMSG, (int)ctx->args[0], ctx->args[1], 0, (__u32)ctx->args[2]);
+}
+
+SEC("tracepoint/syscalls/sys_exit_sendmsg")
+int kt_sendmsg_out(struct trace_event_raw_sys_exit *ctx)
+{
+	return kt_send_exit(KT_CALL_SENDMSG, ctx->ret);
+}
+
+SEC("tracepoint/syscalls/sys_enter_sendmmsg")
+int kt_sendmmsg_in(struct trace_event_raw_sys_enter *ctx)
+{
+	/* sendmmsg(fd, mmsg, vlen, flags) */
+	return kt_call_enter(KT_CALL_SENDMMSG, (int)ctx->args[0], ctx->args[1], 0, (__u32)ctx->args[3]);
+}
+
+SEC("tracepoint/syscalls/sys_exit_sendmmsg")
+int kt_sendmmsg_out(struct trace_event_raw_sys_exit *ctx)
+{
+	return kt_mmsg_exit(KT_CALL_SENDMMSG, ctx->ret, KT_DIR_EGRESS);
+}
+
+SEC("tracepoint/syscalls/sys_enter_recvfrom")
+int kt_recvfrom_in(struct trace_event_raw_sys_enter *ctx)
+{
+	/* recvfrom(fd, buf, size, flags, addr, addr_len); recv() is recvfrom with no address */
+	return kt_call_enter(KT_CALL_RECVFROM, (int)ctx->args[0], ctx->args[4], ctx->args[5], (__u32)ctx->args[3]);
+}
+
+SEC("tracepoint/syscalls/sys_exit_recvfrom")
+int kt_recvfrom_out(struct trace_event_raw_sys_exit *ctx)
+{
+	return kt_recv_exit(KT_CALL_RECVFROM, ctx->ret);
+}
+
+SEC("tracepoint/syscalls/sys_enter_recvmsg")
+int kt_recvmsg_in(struct trace_event_raw_sys_enter *ctx)
+{
+	/* recvmsg(fd, msg, flags) */
+	return kt_call_enter(KT_CALL_RECVMSG, (int)ctx->args[0], ctx->args[1], 0, (__u32)ctx->args[2]);
+}
+
+SEC("tracepoint/syscalls/sys_exit_recvmsg")
+int kt_recvmsg_out(struct trace_event_raw_sys_exit *ctx)
+{
+	return kt_recv_exit(KT_CALL_RECVMSG, ctx->ret);
+}
+
+SEC("tracepoint/syscalls/sys_enter_recvmmsg")
+int kt_recvmmsg_in(struct trace_event_raw_sys_enter *ctx)
+{
+	/* recvmmsg(fd, mmsg, vlen, flags, timeout) */
+	return kt_call_enter(KT_CALL_RECVMMSG, (int)ctx->args[0], ctx->args[1], 0, (__u32)ctx->args[3]);
+}
+
+SEC("tracepoint/syscalls/sys_exit_recvmmsg")
+int kt_recvmmsg_out(struct trace_event_raw_sys_exit *ctx)
+{
+	return kt_mmsg_exit(KT_CALL_RECVMMSG, ctx->ret, KT_DIR_INGRESS);
 }

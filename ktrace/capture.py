@@ -30,6 +30,7 @@ DEFAULT_MAP_SIZES = {
     "connects": 8192,  # connect() calls in flight
     "udp_flows": 16384,  # UDP flows counted in the kernel; idle ones are drained when it fills
     "lookups": 4096,  # threads inside a libc resolver call (dns_names)
+    "udp_calls": 8192,  # send/receive syscalls in flight on UDP sockets (the syscall alternative of udp/dns)
 }
 DNS_PORTS = (53,)
 MAX_DNS_PORTS = next(v for v, name in generated.UDP_SIZES.items() if name == "max_dns_ports")
@@ -49,6 +50,8 @@ class CaptureConfig:
     wake_bytes: int = 256 << 10
     map_sizes: dict[str, int] = field(default_factory=lambda: dict(DEFAULT_MAP_SIZES))
     self_tgid: int = field(default_factory=os.getpid)
+    # alternatives (hook labels) treated as unavailable, so that a later one in their chain is used
+    skip_hooks: frozenset[str] = frozenset()
 
 
 class Capture:
@@ -181,6 +184,12 @@ def _selected(config: CaptureConfig) -> list[probes.Family]:
     return [f for f in probes.FAMILIES if f.name in config.families]
 
 
+def check_skip_hooks(labels: frozenset[str] | set[str]) -> None:
+    unknown = set(labels) - set(probes.HOOK_LABELS)
+    if unknown:
+        raise KtraceError(f"unknown hook {', '.join(sorted(unknown))}; known: {', '.join(probes.HOOK_LABELS)}")
+
+
 def _configure(obj: libbpf.BpfObject, config: CaptureConfig, shared: dict[str, int], enabled: set[str]) -> None:
     for prog in obj.programs():
         prog.set_autoload(prog.name in enabled)
@@ -285,6 +294,7 @@ def _attach_libc(progs: list[libbpf.Program]) -> tuple[list[libbpf.Link], str]:
 def load(config: CaptureConfig) -> Capture:
     """Resolve every selected family's chain on this kernel and attach the winners."""
     families = _selected(config)
+    check_skip_hooks(config.skip_hooks)
     table = {f.name: probes.FamilyStatus(
         f.name, alternatives=[probes.HookStatus(h.label, "not tried", min_kernel=h.min_kernel) for h in f.chain])
         for f in families}
@@ -296,6 +306,9 @@ def load(config: CaptureConfig) -> Capture:
             status = table[fam.name]
             for hook, row in zip(fam.chain, status.alternatives):
                 if hook.label in refused[fam.name]:
+                    continue
+                if hook.label in config.skip_hooks:
+                    row.status, row.reason = "skipped", "skipped by --skip-hook"
                     continue
                 result = hook.check()
                 if not result.ok:
@@ -328,22 +341,26 @@ def load(config: CaptureConfig) -> Capture:
                 hook = choice[fam.name]
                 status.chosen, status.status = hook.label, "ok"
                 status.alternatives[fam.chain.index(hook)].status = "chosen"
-                skipped = [a for a in status.alternatives if a.status in ("refused", "unsupported")]
+                skipped = [a for a in status.alternatives if a.status in ("refused", "unsupported", "skipped")]
                 status.reason = "; ".join([f"{a.hook}: {a.reason}" for a in skipped]
                                           + ([capture.notes[fam.name]] if fam.name in capture.notes else []))
-            else:  # every alternative was unsupported or refused; the other families went ahead
-                status.reason = "; ".join(f"{a.hook}: {a.status} ({a.reason})" for a in status.alternatives)
+            else:  # every alternative was unsupported, refused or skipped; the other families went ahead
+                status.reason = _missing_reason(status)
         capture.table = [table[f.name] for f in families]
         return capture
     for fam in families:
         status = table[fam.name]
         status.status = "missing"
-        status.reason = "; ".join(f"{a.hook}: {a.status} ({a.reason})" for a in status.alternatives)
+        status.reason = _missing_reason(status)
     missing = [f.name for f in families if f.required]
     raise KtraceError(
         f"no alternative of {', '.join(missing) or 'any family'} works on this kernel: "
         + " | ".join(table[name].reason for name in missing or table)
     )
+
+
+def _missing_reason(status: probes.FamilyStatus) -> str:
+    return "; ".join(f"{a.hook}: {a.status} ({a.reason})" for a in status.alternatives)
 
 
 def _load_and_attach(by_object: dict[str, set[str]], config: CaptureConfig,

@@ -84,6 +84,32 @@ class FamilyList(click.ParamType):
         return names
 
 
+class HookList(click.ParamType):
+    """Hook labels as `ktrace doctor` shows them, comma-separated; the option may also be repeated."""
+
+    name = "hooks"
+
+    def convert(self, value: object, param: click.Parameter | None, ctx: click.Context | None) -> tuple[str, ...]:
+        if isinstance(value, tuple):
+            return value
+        # labels hold commas inside braces ("tp_btf/sock_{send,recv}_length"): split only outside them
+        labels, depth, start, text = [], 0, 0, str(value)
+        for i, ch in enumerate(text + ","):
+            if ch == "{":
+                depth += 1
+            elif ch == "}":
+                depth -= 1
+            elif ch == "," and depth <= 0:
+                labels.append(text[start:i].strip())
+                start, depth = i + 1, 0
+        labels = [label for label in labels if label]
+        unknown = [label for label in labels if label not in probes.HOOK_LABELS]
+        if unknown or not labels:
+            self.fail(f"unknown hook {', '.join(unknown) or '(none)'}; known: {', '.join(probes.HOOK_LABELS)}",
+                      param, ctx)
+        return tuple(labels)
+
+
 class DefaultToSnapshot(click.Group):
     """`ktrace [OPTIONS]` is `ktrace snapshot [OPTIONS]`."""
 
@@ -145,6 +171,10 @@ def cli() -> None:
 @click.option("--probes", "families", type=FamilyList(), default=None,
               help=f"Probe families to load, of: {','.join(probes.FAMILY_BY_NAME)}. "
                    f"[default: {','.join(f.name for f in probes.FAMILIES if f.default)}]")
+@click.option("--skip-hook", "skip_hooks", type=HookList(), multiple=True, metavar="LABEL",
+              help="Treat this alternative as unavailable so that the next one in its family's chain is used, "
+                   "e.g. when the first one misbehaves on this kernel. Labels as `ktrace doctor` shows them; "
+                   "repeat the option or separate labels with commas.")
 @click.option("--with-connect-latency/--without-connect-latency", default=True, show_default=True,
               help="Record connect() calls with errno and syscall time (the handshake time is always recorded).")
 @click.option("--with-dns-names", is_flag=True,
@@ -160,8 +190,9 @@ def cli() -> None:
 @click.option("--quiet", "-q", is_flag=True, help="Only errors.")
 def snapshot(duration: float, out_dir: Path, node: str | None, ports: tuple[int, ...] | None, dns_only: bool,
              dns_ports: tuple[int, ...], dns_timeout: float, udp_flows: int, sample: int, max_events: int | None,
-             max_bytes: int | None, families: tuple[str, ...] | None, with_connect_latency: bool,
-             with_dns_names: bool, ring_size: int, ready_file: Path | None, verbose: int, quiet: bool) -> int:
+             max_bytes: int | None, families: tuple[str, ...] | None, skip_hooks: tuple[tuple[str, ...], ...],
+             with_connect_latency: bool, with_dns_names: bool, ring_size: int, ready_file: Path | None, verbose: int,
+             quiet: bool) -> int:
     """Record TCP, UDP and DNS activity for a fixed window and write a bundle.
 
     \b
@@ -178,6 +209,7 @@ def snapshot(duration: float, out_dir: Path, node: str | None, ports: tuple[int,
       sudo ktrace --duration=2m --ports=443,6443 --sample 10
       sudo ktrace --duration=60s --max-events=100000
       sudo ktrace --duration=60s --dns-only --with-dns-names
+      sudo ktrace --duration=60s --skip-hook='tp_btf/sock_{send,recv}_length'
     """
     from ktrace.snapshot import SnapshotOptions, run
 
@@ -196,8 +228,8 @@ def snapshot(duration: float, out_dir: Path, node: str | None, ports: tuple[int,
         selected += ("dns_names",)
     opts = SnapshotOptions(duration_s=duration, out_dir=out_dir, node=node or "", ports=ports or (),
                            dns_ports=dns_ports, dns_only=dns_only, dns_timeout_s=dns_timeout, udp_flows=udp_flows,
-                           sample=sample,
-                           max_events=max_events, max_bytes=max_bytes, families=selected, ring_bytes=ring,
+                           sample=sample, max_events=max_events, max_bytes=max_bytes, families=selected,
+                           ring_bytes=ring, skip_hooks=frozenset(label for labels in skip_hooks for label in labels),
                            quiet=quiet, ready_file=ready_file)
     result = run(opts)
     if not quiet:

@@ -44,18 +44,20 @@ def examine() -> dict:
 
 
 def render(report: dict) -> str:
+    width = max([44, *(len(a["hook"]) for f in report["families"] for a in f["alternatives"])])
     lines = [
         f"kernel {report['kernel']} · libbpf {report['libbpf']} · lockdown {report['lockdown'] or 'none'} · "
         f"tracefs {report['tracefs'] or 'missing'}",
         "",
-        f"{'family':<14} {'status':<8} {'hook':<46} {'result':<12} reason",
+        f"{'family':<14} {'status':<8} {'hook':<{width + 2}} {'result':<12} reason",
     ]
     for fam in report["families"]:
         for i, alt in enumerate(fam["alternatives"]):
             name = fam["family"] if i == 0 else ""
             status = fam["status"] if i == 0 else ""
             mark = "→ " if alt["status"] == "chosen" else "  "
-            lines.append(f"{name:<14} {status:<8} {mark}{alt['hook']:<44} {alt['status']:<12} {alt['reason']}")
+            lines.append(f"{name:<14} {status:<8} {mark}{alt['hook']:<{width}} {alt['status']:<12} "
+                         f"{alt['reason']}".rstrip())
     if report["error"]:
         lines += ["", f"error: {report['error']}"]
     return "\n".join(lines)

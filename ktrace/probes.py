@@ -287,11 +287,18 @@ FAMILIES: tuple[Family, ...] = (
 )
 
 # udp and dns share their hooks: the programs look at rodata flags to know which of the two are on.
+_UDP_SYSCALLS = ("sendto", "sendmsg", "sendmmsg", "recvfrom", "recvmsg", "recvmmsg")
 UDP_DNS_CHAIN = (
     Hook("tp_btf/sock_{send,recv}_length", ("kt_udp_send_btf", "kt_udp_recv_btf"),
          all_of(tp_btf("sock_send_length"), tp_btf("sock_recv_length")), "6.3"),
     Hook("tracepoint/sock/sock_{send,recv}_length", ("kt_udp_send_tp", "kt_udp_recv_tp"),
          all_of(tracepoint("sock", "sock_send_length"), tracepoint("sock", "sock_recv_length")), "6.3"),
+    # older kernels: the six send and receive syscalls, the remote end read from the caller's memory;
+    # write()/read() on a connected UDP socket, io_uring and 32-bit syscalls are not seen
+    Hook("tracepoint/syscalls/sys_{enter,exit}_{send,recv}{to,msg,mmsg}",
+         tuple(f"kt_{call}_{end}" for call in _UDP_SYSCALLS for end in ("in", "out")),
+         all_of(*(tracepoint("syscalls", f"sys_{end}_{call}") for call in _UDP_SYSCALLS for end in ("enter", "exit"))),
+         "4.7"),
 )
 
 FAMILIES += (
@@ -341,12 +348,14 @@ FAMILIES += (
                     "per process; opt-in (--with-dns-names) because it records the names",
         default=False,
         chain=(
-            Hook("uprobe/libc:getaddrinfo,gethostbyname{,2}{,_r}", tuple(UPROBES), libc_uprobes(), "4.17"),
+            Hook("uprobe/libc:{getaddrinfo,gethostbyname{,2}{,_r}}", tuple(UPROBES), libc_uprobes(), "4.17"),
         ),
     ),
 )
 
 FAMILY_BY_NAME = {f.name: f for f in FAMILIES}
+# Every alternative's label, in table order (a shared chain once): what --skip-hook accepts.
+HOOK_LABELS = tuple(dict.fromkeys(h.label for f in FAMILIES for h in f.chain))
 
 
 def object_path(obj: str) -> str:
@@ -359,7 +368,7 @@ def object_path(obj: str) -> str:
 @dataclass
 class HookStatus:
     hook: str
-    status: str  # chosen | available | refused | unsupported | not tried
+    status: str  # chosen | available | refused | unsupported | skipped | not tried
     reason: str = ""
     min_kernel: str = ""
 

@@ -47,6 +47,7 @@ class SnapshotOptions:
     max_bytes: int | None = None
     families: tuple[str, ...] = tuple(f.name for f in probes.FAMILIES if f.default)
     ring_bytes: int = 8 << 20
+    skip_hooks: frozenset[str] = frozenset()  # --skip-hook: alternatives treated as unavailable
     quiet: bool = False
     ready_file: Path | None = None
     status: TextIO = field(default_factory=lambda: sys.stderr)
@@ -59,6 +60,7 @@ class SnapshotOptions:
             "dns_timeout_s": self.dns_timeout_s, "udp_flows": self.udp_flows, "sample": self.sample,
             "max_events": self.max_events, "max_bytes": self.max_bytes, "probes": list(self.families),
             "ring_bytes": self.ring_bytes, "with_dns_names": "dns_names" in self.families,
+            "skip_hooks": sorted(self.skip_hooks),
         }
 
 
@@ -188,7 +190,8 @@ def run(opts: SnapshotOptions) -> SnapshotResult:
     ports = opts.dns_ports if opts.dns_only else opts.ports
     config = capture.CaptureConfig(families=opts.families, ports=ports, dns_ports=opts.dns_ports,
                                    dns_only=opts.dns_only, sample_every=opts.sample, ring_bytes=opts.ring_bytes,
-                                   map_sizes={**capture.DEFAULT_MAP_SIZES, "udp_flows": opts.udp_flows})
+                                   map_sizes={**capture.DEFAULT_MAP_SIZES, "udp_flows": opts.udp_flows},
+                                   skip_hooks=opts.skip_hooks)
     cap = capture.load(config)
     warnings = [f"{row.family}: no working probe ({row.reason})" for row in cap.table if row.status != "ok"]
     for warning in warnings:

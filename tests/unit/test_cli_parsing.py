@@ -52,6 +52,12 @@ def test_unknown_probe_family_is_a_usage_error(capsys):
     assert "unknown probe family nope" in _usage_error(capsys, "--probes=tcp_state,nope")
 
 
+def test_unknown_hook_label_is_a_usage_error_that_lists_the_known_ones(capsys):
+    err = _usage_error(capsys, "--skip-hook=bogus")
+    assert "unknown hook bogus; known: tp_btf/inet_sock_set_state, " in err
+    assert "tracepoint/syscalls/sys_{enter,exit}_{send,recv}{to,msg,mmsg}" in err
+
+
 def test_unknown_option_is_a_usage_error(capsys):
     _usage_error(capsys, "--no-such-option")
 
@@ -98,3 +104,20 @@ def test_more_than_64_ports_are_rejected():
 
 def test_ring_size_that_is_not_a_power_of_two_is_a_usage_error(capsys):
     assert "must be a power of two" in _usage_error(capsys, "--ring-size=5000")
+
+
+def test_hook_labels_split_on_commas_outside_braces():
+    labels = "tp_btf/sock_{send,recv}_length, tracepoint/sock/sock_{send,recv}_length"
+    assert cli.HookList().convert(labels, None, None) == (
+        "tp_btf/sock_{send,recv}_length", "tracepoint/sock/sock_{send,recv}_length")
+
+
+def test_hook_list_names_only_the_unknown_labels():
+    with pytest.raises(click.BadParameter, match="unknown hook kprobe/nope; known: "):
+        cli.HookList().convert("tp_btf/inet_sock_set_state,kprobe/nope", None, None)
+
+
+def test_every_hook_label_of_the_probe_table_is_accepted():
+    from ktrace import probes
+
+    assert cli.HookList().convert(",".join(probes.HOOK_LABELS), None, None) == probes.HOOK_LABELS

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.dnsnet import DnsNetns
 from tests.helpers import Ktrace
 
 UDPTRAFFIC = str(Path(__file__).resolve().parent / "udptraffic.py")
@@ -69,9 +70,8 @@ def run(tmp_path_factory: pytest.TempPathFactory):
 @pytest.fixture(scope="module")
 def dns_run(tmp_path_factory: pytest.TempPathFactory):
     """One window with the syscall alternative: resolvers asking a fake DNS server in a namespace."""
-    dnsnet = pytest.importorskip("tests.dnsnet", reason="the DNS test kit (tests/dnsnet.py) is not here")
     tmp = tmp_path_factory.mktemp("dns-syscalls")
-    with dnsnet.DnsNetns(tmp, "sys") as ns:
+    with DnsNetns(tmp, "sys") as ns:
         ktrace = with_syscall_alternative(tmp)
         try:
             done = {

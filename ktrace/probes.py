@@ -230,6 +230,37 @@ def all_of(*checks: Callable[[], CheckResult]) -> Callable[[], CheckResult]:
 
 # --- the table ---
 
+# udp and dns share their hooks: the programs look at rodata flags to know which of the two are on.
+_UDP_SYSCALLS = ("sendto", "sendmsg", "sendmmsg", "recvfrom", "recvmsg", "recvmmsg")
+UDP_DNS_CHAIN = (
+    Hook("tp_btf/sock_{send,recv}_length", ("kt_udp_send_btf", "kt_udp_recv_btf"),
+         all_of(tp_btf("sock_send_length"), tp_btf("sock_recv_length")), "6.3"),
+    Hook("tracepoint/sock/sock_{send,recv}_length", ("kt_udp_send_tp", "kt_udp_recv_tp"),
+         all_of(tracepoint("sock", "sock_send_length"), tracepoint("sock", "sock_recv_length")), "6.3"),
+    # older kernels: the six send and receive syscalls, the remote end read from the caller's memory;
+    # write()/read() on a connected UDP socket, io_uring and 32-bit syscalls are not seen
+    Hook("tracepoint/syscalls/sys_{enter,exit}_{send,recv}{to,msg,mmsg}",
+         tuple(f"kt_{call}_{end}" for call in _UDP_SYSCALLS for end in ("in", "out")),
+         all_of(*(tracepoint("syscalls", f"sys_{end}_{call}") for call in _UDP_SYSCALLS for end in ("enter", "exit"))),
+         "4.7"),
+)
+
+
+# dns_names: program → (libc function, whether it is the return probe). The sections are generic
+# (SEC("uprobe"), SEC("uretprobe")): capture.py attaches each program to its function in every libc file.
+UPROBES = {
+    "kt_gai_enter": ("getaddrinfo", False),
+    "kt_gai_exit": ("getaddrinfo", True),
+    "kt_ghbn_enter": ("gethostbyname", False),
+    "kt_ghbn_exit": ("gethostbyname", True),
+    "kt_ghbn2_enter": ("gethostbyname2", False),
+    "kt_ghbn2_exit": ("gethostbyname2", True),
+    "kt_ghbn_r_enter": ("gethostbyname_r", False),
+    "kt_ghbn_r_exit": ("gethostbyname_r", True),
+    "kt_ghbn2_r_enter": ("gethostbyname2_r", False),
+    "kt_ghbn2_r_exit": ("gethostbyname2_r", True),
+}
+
 FAMILIES: tuple[Family, ...] = (
     Family(
         "tcp_state",
@@ -284,24 +315,6 @@ FAMILIES: tuple[Family, ...] = (
                  all_of(tracepoint("tcp", "tcp_send_reset"), tracepoint("tcp", "tcp_receive_reset")), "5.5"),
         ),
     ),
-)
-
-# udp and dns share their hooks: the programs look at rodata flags to know which of the two are on.
-_UDP_SYSCALLS = ("sendto", "sendmsg", "sendmmsg", "recvfrom", "recvmsg", "recvmmsg")
-UDP_DNS_CHAIN = (
-    Hook("tp_btf/sock_{send,recv}_length", ("kt_udp_send_btf", "kt_udp_recv_btf"),
-         all_of(tp_btf("sock_send_length"), tp_btf("sock_recv_length")), "6.3"),
-    Hook("tracepoint/sock/sock_{send,recv}_length", ("kt_udp_send_tp", "kt_udp_recv_tp"),
-         all_of(tracepoint("sock", "sock_send_length"), tracepoint("sock", "sock_recv_length")), "6.3"),
-    # older kernels: the six send and receive syscalls, the remote end read from the caller's memory;
-    # write()/read() on a connected UDP socket, io_uring and 32-bit syscalls are not seen
-    Hook("tracepoint/syscalls/sys_{enter,exit}_{send,recv}{to,msg,mmsg}",
-         tuple(f"kt_{call}_{end}" for call in _UDP_SYSCALLS for end in ("in", "out")),
-         all_of(*(tracepoint("syscalls", f"sys_{end}_{call}") for call in _UDP_SYSCALLS for end in ("enter", "exit"))),
-         "4.7"),
-)
-
-FAMILIES += (
     Family(
         "udp",
         "udp.bpf.o",
@@ -323,24 +336,6 @@ FAMILIES += (
         description="DNS queries and replies (UDP and TCP) to and from --dns-ports, paired with their replies",
         chain=UDP_DNS_CHAIN,
     ),
-)
-
-# dns_names: program → (libc function, whether it is the return probe). The sections are generic
-# (SEC("uprobe"), SEC("uretprobe")): capture.py attaches each program to its function in every libc file.
-UPROBES = {
-    "kt_gai_enter": ("getaddrinfo", False),
-    "kt_gai_exit": ("getaddrinfo", True),
-    "kt_ghbn_enter": ("gethostbyname", False),
-    "kt_ghbn_exit": ("gethostbyname", True),
-    "kt_ghbn2_enter": ("gethostbyname2", False),
-    "kt_ghbn2_exit": ("gethostbyname2", True),
-    "kt_ghbn_r_enter": ("gethostbyname_r", False),
-    "kt_ghbn_r_exit": ("gethostbyname_r", True),
-    "kt_ghbn2_r_enter": ("gethostbyname2_r", False),
-    "kt_ghbn2_r_exit": ("gethostbyname2_r", True),
-}
-
-FAMILIES += (
     Family(
         "dns_names",
         "dns_names.bpf.o",

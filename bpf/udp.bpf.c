@@ -120,9 +120,44 @@ struct {
 	__type(value, struct kt_peer);
 } peers SEC(".maps");
 
-static __always_inline __u64 kt_sk_cookie(const struct sock *sk)
+/*
+ * A field of a socket: a plain load when sk is a BTF pointer (the tp_btf
+ * alternative), bpf_probe_read_kernel otherwise. Every send and receive on the
+ * node comes through here, and helper calls were most of its cost. `direct` is
+ * a constant at every call site, so each program keeps only one of the two.
+ */
+#define kt_sk_field(direct, sk, field) ((direct) ? (sk)->field : BPF_CORE_READ(sk, field))
+
+static __always_inline __u32 kt_sk_netns_of(const struct sock *sk, bool direct)
 {
-	return BPF_CORE_READ(sk, __sk_common.skc_cookie.counter);
+	return direct ? sk->__sk_common.skc_net.net->ns.inum : kt_sk_netns(sk);
+}
+
+/*
+ * The socket's tuple, local end first. The local port is skc_num: a UDP
+ * socket's ports do not change, and unlike inet_sport it is a field of struct
+ * sock, which a BTF pointer allows.
+ */
+static __always_inline void kt_sk_tuple_of(const struct sock *sk, bool direct, __u16 family, struct kt_tuple *t)
+{
+	t->family = family;
+	t->sport = kt_sk_field(direct, sk, __sk_common.skc_num);
+	t->dport = bpf_ntohs(kt_sk_field(direct, sk, __sk_common.skc_dport));
+	if (family == AF_INET6) {
+		if (direct) {
+			__builtin_memcpy(t->saddr, &sk->__sk_common.skc_v6_rcv_saddr, KT_ADDR_LEN);
+			__builtin_memcpy(t->daddr, &sk->__sk_common.skc_v6_daddr, KT_ADDR_LEN);
+		} else {
+			BPF_CORE_READ_INTO((struct in6_addr *)t->saddr, sk, __sk_common.skc_v6_rcv_saddr);
+			BPF_CORE_READ_INTO((struct in6_addr *)t->daddr, sk, __sk_common.skc_v6_daddr);
+		}
+	} else {
+		__u32 saddr = kt_sk_field(direct, sk, __sk_common.skc_rcv_saddr);
+		__u32 daddr = kt_sk_field(direct, sk, __sk_common.skc_daddr);
+
+		__builtin_memcpy(t->saddr, &saddr, 4);
+		__builtin_memcpy(t->daddr, &daddr, 4);
+	}
 }
 
 /* A hash of the socket's tuple: the flow's 1-in-N sampling decision, the same for every datagram. */
@@ -165,7 +200,7 @@ static __always_inline void kt_count_flow(struct kt_udp_flow_event *f, int ret, 
 
 /* Add one datagram (or one failed send/receive) to its flow. t is the local socket's view. */
 static __always_inline void kt_udp_flow(const struct sock *sk, const struct kt_tuple *t, int ret, __u8 direction,
-					bool is_dns)
+					bool is_dns, bool direct)
 {
 	struct kt_udp_flow_key key = {};
 	struct kt_udp_flow_event *f, *fresh, *e;
@@ -196,7 +231,7 @@ static __always_inline void kt_udp_flow(const struct sock *sk, const struct kt_t
 	key.family = t->family;
 	key.direction = direction;
 	key.tgid = bpf_get_current_pid_tgid() >> 32;
-	key.netns = kt_sk_netns(sk);
+	key.netns = kt_sk_netns_of(sk, direct);
 
 	f = bpf_map_lookup_elem(&udp_flows, &key);
 	if (f) {
@@ -249,7 +284,7 @@ static __always_inline void kt_udp_flow(const struct sock *sk, const struct kt_t
 }
 
 static __always_inline void kt_dns_message(const struct sock *sk, const struct kt_tuple *t, int ret,
-					   __u8 direction, __u16 protocol, bool remote_is_dns)
+					   __u8 direction, __u16 protocol, bool remote_is_dns, bool direct)
 {
 	struct kt_dns_event *e;
 	__u8 role = remote_is_dns ? KT_DNS_CLIENT : KT_DNS_SERVER;
@@ -265,7 +300,7 @@ static __always_inline void kt_dns_message(const struct sock *sk, const struct k
 	kt_fill_current(&e->task);
 	e->skaddr = (__u64)sk;
 	e->ret = ret;
-	e->netns = kt_sk_netns(sk);
+	e->netns = kt_sk_netns_of(sk, direct);
 	kt_copy_tuple(t, e->saddr, e->daddr, &e->sport, &e->dport, &e->family);
 	e->protocol = protocol;
 	/* a client sends queries and receives replies; a server the other way round */
@@ -279,7 +314,8 @@ static __always_inline void kt_dns_message(const struct sock *sk, const struct k
  * The remote end of a datagram on an unconnected socket, as the cgroup hook of
  * this syscall saw it, or given by the caller. Consumes the thread's entry.
  */
-static __always_inline void kt_take_peer(const struct sock *sk, struct kt_tuple *t, const struct kt_peer *given)
+static __always_inline void kt_take_peer(const struct sock *sk, struct kt_tuple *t, const struct kt_peer *given,
+					 bool direct)
 {
 	struct kt_peer *stashed = NULL;
 	const struct kt_peer *p = given;
@@ -291,7 +327,7 @@ static __always_inline void kt_take_peer(const struct sock *sk, struct kt_tuple 
 			return;
 		p = stashed;
 	}
-	if (!p->cookie || p->cookie == kt_sk_cookie(sk)) {
+	if (!p->cookie || p->cookie == kt_sk_field(direct, sk, __sk_common.skc_cookie.counter)) {
 		__builtin_memcpy(t->daddr, p->addr, KT_ADDR_LEN);
 		t->dport = p->port;
 	}
@@ -303,9 +339,10 @@ static __always_inline void kt_take_peer(const struct sock *sk, struct kt_tuple 
  * One send or receive on an AF_INET/AF_INET6 socket, in the syscall of the
  * process that made it. ret is the byte count or -errno. peer, when not NULL,
  * is the remote end of an unconnected socket's datagram as the caller read it.
+ * direct: sk is a BTF pointer that plain loads may read.
  */
 static __always_inline int kt_datagram(const struct sock *sk, int ret, int flags, __u8 direction,
-				       const struct kt_peer *peer)
+				       const struct kt_peer *peer, bool direct)
 {
 	struct kt_tuple t = {};
 	__u16 family, protocol;
@@ -316,10 +353,11 @@ static __always_inline int kt_datagram(const struct sock *sk, int ret, int flags
 	/* a peeked datagram is read again later */
 	if (direction == KT_DIR_INGRESS && (flags & MSG_PEEK))
 		return 0;
-	family = BPF_CORE_READ(sk, __sk_common.skc_family);
+	family = kt_sk_field(direct, sk, __sk_common.skc_family);
 	if (family != AF_INET && family != AF_INET6)
 		return 0;
-	protocol = kt_sk_protocol(sk);
+	/* sk_protocol is a plain field wherever the sock_*_length tracepoints exist (v6.3+) */
+	protocol = direct ? sk->sk_protocol : kt_sk_protocol(sk);
 	if (protocol == IPPROTO_TCP) {
 		/*
 		 * TCP only for DNS over TCP, and a TCP socket's ports never change:
@@ -328,25 +366,28 @@ static __always_inline int kt_datagram(const struct sock *sk, int ret, int flags
 		 */
 		if (!kt_want_dns || ret == 0)
 			return 0;
-		if (!kt_is_dns_port(bpf_ntohs(BPF_CORE_READ(sk, __sk_common.skc_dport))) &&
-		    !kt_is_dns_port(BPF_CORE_READ(sk, __sk_common.skc_num)))
+		if (!kt_is_dns_port(bpf_ntohs(kt_sk_field(direct, sk, __sk_common.skc_dport))) &&
+		    !kt_is_dns_port(kt_sk_field(direct, sk, __sk_common.skc_num)))
 			return 0;
 	} else if (protocol != IPPROTO_UDP) {
 		return 0;
 	}
 	if (kt_is_self())
 		return 0;
-	kt_sk_tuple(sk, &t);
 	if (protocol == IPPROTO_UDP)
-		kt_take_peer(sk, &t, peer);
+		kt_sk_tuple_of(sk, direct, family, &t);
+	else
+		kt_sk_tuple(sk, &t);	/* TCP: inet_sport, right through the close */
+	if (protocol == IPPROTO_UDP)
+		kt_take_peer(sk, &t, peer, direct);
 	if (kt_want_dns) {
 		remote_is_dns = kt_is_dns_port(t.dport);
 		local_is_dns = !remote_is_dns && kt_is_dns_port(t.sport);
 	}
 	if (protocol == IPPROTO_UDP && kt_want_udp)
-		kt_udp_flow(sk, &t, ret, direction, remote_is_dns || local_is_dns);
+		kt_udp_flow(sk, &t, ret, direction, remote_is_dns || local_is_dns, direct);
 	if (remote_is_dns || local_is_dns)
-		kt_dns_message(sk, &t, ret, direction, protocol, remote_is_dns);
+		kt_dns_message(sk, &t, ret, direction, protocol, remote_is_dns, direct);
 	return 0;
 }
 
@@ -354,13 +395,13 @@ static __always_inline int kt_datagram(const struct sock *sk, int ret, int flags
 SEC("tp_btf/sock_send_length")
 int BPF_PROG(kt_udp_send_btf, struct sock *sk, int ret, int flags)
 {
-	return kt_datagram(sk, ret, flags, KT_DIR_EGRESS, NULL);
+	return kt_datagram(sk, ret, flags, KT_DIR_EGRESS, NULL, true);
 }
 
 SEC("tp_btf/sock_recv_length")
 int BPF_PROG(kt_udp_recv_btf, struct sock *sk, int ret, int flags)
 {
-	return kt_datagram(sk, ret, flags, KT_DIR_INGRESS, NULL);
+	return kt_datagram(sk, ret, flags, KT_DIR_INGRESS, NULL, true);
 }
 
 /* udp/dns, alternative 2: the classic tracepoints (v6.3+), which filter on the protocol without a read. */
@@ -369,7 +410,7 @@ int kt_udp_send_tp(struct trace_event_raw_sock_msg_length *ctx)
 {
 	if (ctx->protocol != IPPROTO_UDP && ctx->protocol != IPPROTO_TCP)
 		return 0;
-	return kt_datagram(ctx->sk, ctx->ret, ctx->flags, KT_DIR_EGRESS, NULL);
+	return kt_datagram(ctx->sk, ctx->ret, ctx->flags, KT_DIR_EGRESS, NULL, false);
 }
 
 SEC("tracepoint/sock/sock_recv_length")
@@ -377,7 +418,7 @@ int kt_udp_recv_tp(struct trace_event_raw_sock_msg_length *ctx)
 {
 	if (ctx->protocol != IPPROTO_UDP && ctx->protocol != IPPROTO_TCP)
 		return 0;
-	return kt_datagram(ctx->sk, ctx->ret, ctx->flags, KT_DIR_INGRESS, NULL);
+	return kt_datagram(ctx->sk, ctx->ret, ctx->flags, KT_DIR_INGRESS, NULL, false);
 }
 
 /*
@@ -658,7 +699,7 @@ static __always_inline int kt_send_exit(__u8 call, long ret)
 		named = kt_user_peer(c.uaddr, c.namelen, c.family, &p);
 	else
 		named = kt_msghdr_peer(c.uaddr, 0, c.family, &p);
-	return kt_datagram((struct sock *)c.sk, ret, c.flags, KT_DIR_EGRESS, named ? &p : NULL);
+	return kt_datagram((struct sock *)c.sk, ret, c.flags, KT_DIR_EGRESS, named ? &p : NULL, false);
 }
 
 /* recvfrom and recvmsg: one datagram, whose source the kernel wrote to the caller's buffer, or one failure. */
@@ -679,7 +720,7 @@ static __always_inline int kt_recv_exit(__u8 call, long ret)
 			named = kt_msghdr_peer(c.uaddr, c.namelen, c.family, &p);
 		}
 	}
-	return kt_datagram((struct sock *)c.sk, ret, c.flags, KT_DIR_INGRESS, named ? &p : NULL);
+	return kt_datagram((struct sock *)c.sk, ret, c.flags, KT_DIR_INGRESS, named ? &p : NULL, false);
 }
 
 /*
@@ -703,7 +744,7 @@ static __always_inline int kt_mmsg_exit(__u8 call, long ret, __u8 direction)
 		return 0;
 	if (ret < 0) {
 		named = direction == KT_DIR_EGRESS && kt_msghdr_peer(c.uaddr, 0, c.family, &p);
-		return kt_datagram((struct sock *)c.sk, ret, c.flags, direction, named ? &p : NULL);
+		return kt_datagram((struct sock *)c.sk, ret, c.flags, direction, named ? &p : NULL, false);
 	}
 	/* a bounded loop (v5.3+, older than the ring buffer this object needs anyway) */
 	for (i = 0; i < KT_MMSG_MAX; i++) {
@@ -714,7 +755,7 @@ static __always_inline int kt_mmsg_exit(__u8 call, long ret, __u8 direction)
 		if (bpf_probe_read_user(&len, sizeof(len), (void *)entry + KT_MMSGHDR_LEN))
 			break;
 		named = kt_msghdr_peer(entry, 0, c.family, &p);
-		kt_datagram((struct sock *)c.sk, len, c.flags, direction, named ? &p : NULL);
+		kt_datagram((struct sock *)c.sk, len, c.flags, direction, named ? &p : NULL, false);
 	}
 	return 0;
 }

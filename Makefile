@@ -23,7 +23,7 @@ help:
 	@echo "generate  regenerate ktrace/events/generated.py from the objects' BTF"
 	@echo "vmlinux   regenerate $(VMLINUX) from /sys/kernel/btf/vmlinux"
 	@echo "test      run every test (kernel tests need root)"
-	@echo "bench     overhead benchmark: workload alone, under ktrace, under tcpstates"
+	@echo "bench     overhead benchmark: TCP churn and UDP round trips alone, under ktrace, under tcpstates"
 	@echo "lint      ruff"
 
 # Run-time needs: libbpf.so.1 (ctypes), iproute2 and nftables (tests make namespaces and drop SYNs),
@@ -58,7 +58,8 @@ test-unit:
 	$(PYTHON) -m pytest tests/unit
 
 bench:
-	$(PYTHON) -m benchmarks.bench
+	$(PYTHON) -m benchmarks.bench --mode tcp
+	$(PYTHON) -m benchmarks.bench --mode udp --n 300000
 
 lint:
 	$(PYTHON) -m ruff check ktrace tests benchmarks

@@ -1,4 +1,5 @@
-"""Overhead benchmark: a loopback socket workload alone, under ktrace, under tcpstates.
+"""Overhead benchmark: a loopback socket workload alone, under ktrace, under tcpstates (TCP) or under ktrace on its
+syscall-tracepoint fallback (UDP).
 
     python -m benchmarks.bench [--n 40000] [--reps 5] [--mode tcp|udp|both] [--json FILE]
 
@@ -48,6 +49,8 @@ KILL_TIMEOUT_S = 10
 KTRACE_OK = (0, 3)  # success, degraded (some probe family not attached): the bundle is still whole
 
 ALONE, KTRACE, TCPSTATES_CFG = "alone", "ktrace", "tcpstates"
+KTRACE_SYSCALLS = "ktrace-syscalls"
+SOCK_LENGTH = ("tp_btf/sock_{send,recv}_length", "tracepoint/sock/sock_{send,recv}_length")
 
 
 @dataclass
@@ -206,10 +209,11 @@ def run_alone(kind: str, n: int, rep: int, wl: list[str], pin: Pinning, tmp: Pat
     return Run(kind, ALONE, rep, run_workload(wl, kind, n, pin.workload))
 
 
-def run_ktrace(kind: str, n: int, rep: int, wl: list[str], pin: Pinning, tmp: Path) -> Run:
+def run_ktrace(kind: str, n: int, rep: int, wl: list[str], pin: Pinning, tmp: Path,
+               config: str = KTRACE, extra: Sequence[str] = ()) -> Run:
     out_dir = Path(tempfile.mkdtemp(prefix="ktrace-out-", dir=tmp))
     ready = out_dir / "ready"
-    argv = [*ktrace_command(), "--duration=600s", f"--out-dir={out_dir}", f"--ready-file={ready}", "-q"]
+    argv = [*ktrace_command(), "--duration=600s", f"--out-dir={out_dir}", f"--ready-file={ready}", "-q", *extra]
     try:
         with started(argv, pin.tracer) as proc:
             wait_until(ready.exists, proc, "ktrace")
@@ -223,7 +227,7 @@ def run_ktrace(kind: str, n: int, rep: int, wl: list[str], pin: Pinning, tmp: Pa
         shutil.rmtree(out_dir, ignore_errors=True)
     return Run(
         kind,
-        KTRACE,
+        config,
         rep,
         ops,
         cpu_at_ready_s=at_ready,
@@ -261,12 +265,20 @@ def run_tcpstates(kind: str, n: int, rep: int, wl: list[str], pin: Pinning, tmp:
     return Run(kind, TCPSTATES_CFG, rep, ops, cpu_at_ready_s=at_ready, cpu_at_stop_s=at_stop, cpu_total_s=total)
 
 
+def run_ktrace_syscalls(kind: str, n: int, rep: int, wl: list[str], pin: Pinning, tmp: Path) -> Run:
+    """ktrace forced onto the udp/dns alternative of kernels before 6.3: the send/receive syscall tracepoints."""
+    return run_ktrace(kind, n, rep, wl, pin, tmp, KTRACE_SYSCALLS, [f"--skip-hook={hook}" for hook in SOCK_LENGTH])
+
+
 Runner = Callable[[str, int, int, list[str], Pinning, Path], Run]
 
 
-def configs() -> dict[str, Runner]:
+def configs(kind: str) -> dict[str, Runner]:
     found: dict[str, Runner] = {ALONE: run_alone, KTRACE: run_ktrace}
-    if TCPSTATES.exists():
+    if kind == "udp":
+        # tcpstates traces no UDP; the comparison that matters is ktrace's own fallback
+        found[KTRACE_SYSCALLS] = run_ktrace_syscalls
+    elif TCPSTATES.exists():
         found[TCPSTATES_CFG] = run_tcpstates
     else:
         print(f"note: {TCPSTATES} not found, skipping the tcpstates config", file=sys.stderr)
@@ -279,7 +291,7 @@ def rotated(names: list[str], rep: int) -> list[str]:
 
 
 def bench_kind(kind: str, n: int, reps: int, wl: list[str], pin: Pinning, tmp: Path) -> list[Run]:
-    runners = configs()
+    runners = configs(kind)
     names = list(runners)
     runs: list[Run] = []
     for rep in range(-1, reps):  # -1: warm-up, discarded
@@ -288,7 +300,7 @@ def bench_kind(kind: str, n: int, reps: int, wl: list[str], pin: Pinning, tmp: P
         print(f"[{kind}] {label}: {', '.join(order)}", file=sys.stderr, flush=True)
         for name in order:
             run = runners[name](kind, n, rep, wl, pin, tmp)
-            print(f"    {name:<10} {run.ops_per_s:>10.0f} ops/s", file=sys.stderr, flush=True)
+            print(f"    {name:<15} {run.ops_per_s:>10.0f} ops/s", file=sys.stderr, flush=True)
             runs.append(run)
     return runs
 
@@ -366,6 +378,13 @@ def report(kind: str, n: int, runs: list[Run]) -> dict[str, object]:
         summary["ktrace_vs_tcpstates"] = statistics.median(vs)
         print(
             f"ktrace ratio / tcpstates ratio (per rep, median): {statistics.median(vs):.3f} "
+            f"({min(vs):.3f}–{max(vs):.3f})"
+        )
+    if KTRACE_SYSCALLS in names:
+        vs = per_rep_ratios(runs, KTRACE_SYSCALLS, KTRACE)
+        summary["syscalls_vs_sock_length"] = statistics.median(vs)
+        print(
+            f"ktrace on the syscall tracepoints / on sock_*_length (per rep, median): {statistics.median(vs):.3f} "
             f"({min(vs):.3f}–{max(vs):.3f})"
         )
     print(

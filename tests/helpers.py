@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -104,6 +105,17 @@ class Ktrace:
         if self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait()
+
+
+def record_during(tmp_path: Path, work: Callable[[], object], *args: str, duration: str = "120s") -> Bundle:
+    """Run ktrace, do the work once its probes are attached, end the window with SIGINT: the bundle."""
+    ktrace = Ktrace(tmp_path, *args, duration=duration).started()
+    try:
+        work()
+    finally:
+        ktrace.signal(signal.SIGINT)
+    assert ktrace.finish() in (0, 3), ktrace.stderr
+    return ktrace.bundle()
 
 
 class Server:

@@ -6,12 +6,10 @@ lookups inside it go to the fake server on the namespace's loopback.
 
 from __future__ import annotations
 
-import signal
-
 import pytest
 
 from tests.dnsnet import DnsNetns
-from tests.helpers import Ktrace
+from tests.helpers import record_during
 
 
 @pytest.fixture
@@ -20,23 +18,13 @@ def ns(tmp_path):
         yield ns
 
 
-def _record(tmp_path, ns: DnsNetns, work, *args: str, duration: str = "30s"):
-    ktrace = Ktrace(tmp_path, *args, duration=duration).started()
-    try:
-        work()
-    finally:
-        ktrace.signal(signal.SIGINT)
-    assert ktrace.finish() in (0, 3), ktrace.stderr
-    return ktrace.bundle()
-
-
 def _client_events(bundle, kind: str, comm: str) -> list[dict]:
     return [e for e in bundle.of_type(kind) if e["comm"] == comm and e["role"] == "client"]
 
 
 def test_glibc_getaddrinfo_queries_are_paired_with_their_replies(tmp_path, ns):
     lookups = []
-    bundle = _record(tmp_path, ns, lambda: lookups.extend(
+    bundle = record_during(tmp_path, lambda: lookups.extend(
         ns.run_json("getaddrinfo", f"svc{i}.example.test") for i in range(5)))
     assert all(r["ok"] for r in lookups)
     queries = _client_events(bundle, "dns_query", "kt-gai")
@@ -60,7 +48,7 @@ def test_glibc_getaddrinfo_queries_are_paired_with_their_replies(tmp_path, ns):
 
 
 def test_getent_hosts_through_gethostbyname2_is_paired(tmp_path, ns):
-    bundle = _record(tmp_path, ns, lambda: ns.exec("getent", "hosts", "web.example.test", check=True))
+    bundle = record_during(tmp_path, lambda: ns.exec("getent", "hosts", "web.example.test", check=True))
     queries = _client_events(bundle, "dns_query", "getent")
     replies = _client_events(bundle, "dns_reply", "getent")
     assert queries and len(replies) == len(queries)
@@ -76,7 +64,7 @@ def test_a_dropped_name_becomes_dns_timeouts_and_a_suspect_naming_client_and_ser
         results.append(ns.run_json("getaddrinfo", "broken.example.test"))
         results.append(ns.run_json("getaddrinfo", "broken.example.test"))
 
-    bundle = _record(tmp_path, ns, work, "--dns-timeout=500ms")
+    bundle = record_during(tmp_path, work, "--dns-timeout=500ms")
     assert [r["ok"] for r in results] == [True, False, False]
     timeouts = _client_events(bundle, "dns_timeout", "kt-gai")
     # two lookups of A and AAAA, none answered
@@ -98,7 +86,7 @@ def test_a_dropped_name_becomes_dns_timeouts_and_a_suspect_naming_client_and_ser
 def test_a_server_that_stops_answering_is_named_unresponsive(tmp_path, ns):
     ns.silence()
     results = []
-    bundle = _record(tmp_path, ns, lambda: results.extend(
+    bundle = record_during(tmp_path, lambda: results.extend(
         ns.run_json("getaddrinfo", f"n{i}.example.test") for i in range(2)), "--dns-timeout=500ms")
     assert not any(r["ok"] for r in results)
     assert len(_client_events(bundle, "dns_timeout", "kt-gai")) == 4
@@ -111,7 +99,7 @@ def test_a_server_that_stops_answering_is_named_unresponsive(tmp_path, ns):
 @pytest.mark.parametrize("server", ["127.0.0.1", "::1"])
 def test_an_unconnected_client_is_paired_like_a_connected_one(tmp_path, ns, server):
     result = {}
-    bundle = _record(tmp_path, ns, lambda: result.update(
+    bundle = record_during(tmp_path, lambda: result.update(
         ns.run_json("unconnected", server, "plain.example.test", "--count", "3")))
     assert result["answered"] == 3
     queries = _client_events(bundle, "dns_query", "kt-dig")
@@ -125,7 +113,7 @@ def test_an_unconnected_client_is_paired_like_a_connected_one(tmp_path, ns, serv
 
 def test_dns_over_tcp_is_paired_and_the_second_read_of_a_reply_is_a_continuation(tmp_path, ns):
     result = {}
-    bundle = _record(tmp_path, ns, lambda: result.update(ns.run_json("tcp", "127.0.0.1", "tcp.example.test")))
+    bundle = record_during(tmp_path, lambda: result.update(ns.run_json("tcp", "127.0.0.1", "tcp.example.test")))
     assert result["ok"]
     queries = _client_events(bundle, "dns_query", "kt-dnstcp")
     replies = _client_events(bundle, "dns_reply", "kt-dnstcp")

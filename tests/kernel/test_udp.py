@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import gzip
 import json
-import signal
 import subprocess
 import sys
 import tarfile
@@ -12,7 +11,7 @@ import tarfile
 import pytest
 
 from tests.dnsnet import RESOLVER, DnsNetns
-from tests.helpers import Ktrace, Server, closed_port, start_client
+from tests.helpers import Server, closed_port, record_during, start_client
 
 
 def udp_pair(*args: str) -> dict:
@@ -26,16 +25,6 @@ def _split(endpoint: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
-def _record(tmp_path, work, *args: str):
-    ktrace = Ktrace(tmp_path, *args, duration="120s").started()
-    try:
-        work()
-    finally:
-        ktrace.signal(signal.SIGINT)
-    assert ktrace.finish() in (0, 3), ktrace.stderr
-    return ktrace.bundle()
-
-
 @pytest.mark.parametrize(("count", "family", "mode"), [
     (100_000, "4", ["--recv-from"]),
     (10_000, "6", ["--connected", "--recv-from"]),
@@ -43,7 +32,7 @@ def _record(tmp_path, work, *args: str):
 def test_datagrams_between_two_sockets_are_one_flow_per_direction_with_exact_counts(tmp_path, count, family, mode):
     size = 120
     result = {}
-    bundle = _record(tmp_path, lambda: result.update(
+    bundle = record_during(tmp_path, lambda: result.update(
         udp_pair("--count", str(count), "--size", str(size), "--family", family, *mode)))
     assert result["received"] == count
     sender, receiver = _split(result["sender"]), _split(result["receiver"])
@@ -69,7 +58,7 @@ def test_datagrams_between_two_sockets_are_one_flow_per_direction_with_exact_cou
 def test_a_receiver_without_a_source_address_still_counts_exactly(tmp_path):
     # recv() on an unconnected socket never learns who sent: the source is unknown, the counts are not
     result = {}
-    bundle = _record(tmp_path, lambda: result.update(udp_pair("--count", "1000", "--size", "64")))
+    bundle = record_during(tmp_path, lambda: result.update(udp_pair("--count", "1000", "--size", "64")))
     ingress = [f for f in bundle.of_type("udp_flow") if f["comm"] == "kt-udp" and f["direction"] == "ingress"]
     assert len(ingress) == 1
     assert (ingress[0]["saddr"], ingress[0]["sport"]) == ("0.0.0.0", 0)
@@ -87,7 +76,7 @@ def test_dns_only_writes_only_dns_while_other_tcp_and_udp_traffic_runs(tmp_path)
                 assert ns.run_json("getaddrinfo", "only.example.test")["ok"]
                 client.wait(timeout=60)
 
-            bundle = _record(tmp_path, work, "--dns-only")
+            bundle = record_during(tmp_path, work, "--dns-only")
     finally:
         server.stop()
     types = {e["type"] for e in bundle.events}
@@ -117,7 +106,7 @@ def test_no_payload_byte_reaches_the_bundle(tmp_path):
             assert ns.run_json("getaddrinfo", name)["ok"]
             assert ns.run_json("unconnected", "127.0.0.1", name)["answered"] == 1
 
-        bundle = _record(tmp_path, work)
+        bundle = record_during(tmp_path, work)
     assert bundle.of_type("udp_flow") and bundle.of_type("dns_reply")
     blobs = [path.read_bytes() for path in bundle.paths.values()]
     with tarfile.open(bundle.paths["bundle.tgz"]) as tgz:
@@ -156,7 +145,7 @@ def test_a_full_flow_map_loses_no_datagram(tmp_path):
         _one_datagram_per_socket(receiver, 100, senders)
 
     try:
-        bundle = _record(tmp_path, work, "--udp-flows=64", f"--ports={port}")
+        bundle = record_during(tmp_path, work, "--udp-flows=64", f"--ports={port}")
     finally:
         for s in [receiver, *senders]:
             s.close()

@@ -235,9 +235,10 @@ def snapshot(duration: float, out_dir: Path, node: str | None, ports: tuple[int,
     if not quiet:
         s = result.summary
         lost = s["losses"]["total"]
-        click.echo(f"ktrace: {s['window']['actual_s']:.1f}s, {lost['written']:,} events written "
-                   f"({lost['capped']:,} capped, {lost['ringbuf_full']:,} lost), {len(s['findings'])} findings",
-                   err=True)
+        # a udp_flow line stands for many datagrams: lines and kernel events are different counts
+        click.echo(f"ktrace: {s['window']['actual_s']:.1f}s, {s['files']['events']['lines']:,} lines written for "
+                   f"{lost['written']:,} kernel events ({lost['capped']:,} capped, {lost['ringbuf_full']:,} lost), "
+                   f"{len(s['findings'])} findings", err=True)
         for finding in s["findings"][:10]:
             click.echo(f"  [{finding['severity']}] {finding['title']}", err=True)
         for reason in s["degraded"]:

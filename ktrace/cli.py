@@ -169,8 +169,8 @@ def cli() -> None:
 @click.option("--max-bytes", type=Size(), default=None,
               help="Write at most this many bytes of events (500k, 20M); the rest are counted as capped.")
 @click.option("--probes", "families", type=FamilyList(), default=None,
-              help=f"Probe families to load, of: {','.join(probes.FAMILY_BY_NAME)}. "
-                   f"[default: {','.join(f.name for f in probes.FAMILIES if f.default)}]")
+              help=f"Probe families to load (comma-separated), of: {', '.join(probes.FAMILY_BY_NAME)}. "
+                   f"[default: {', '.join(f.name for f in probes.FAMILIES if f.default)}]")
 @click.option("--skip-hook", "skip_hooks", type=HookList(), multiple=True, metavar="LABEL",
               help="Treat this alternative as unavailable so that the next one in its family's chain is used, "
                    "e.g. when the first one misbehaves on this kernel. Labels as `ktrace doctor` shows them; "

@@ -80,7 +80,8 @@ def test_a_fork_storm_is_events_with_exit_codes_and_a_finding_naming_the_parent(
     assert storm["subject"]["comm"] == "kt-forker" and storm["subject"]["scope"] == "parent"
     assert storm["subject"]["forks"] == 500 and storm["subject"]["max_in_window"] >= 200
     assert storm["subject"]["rate_per_s"] > 0 and "kt-forker" in storm["title"]
-    crash = [f for f in bundle.summary["findings"] if f["rule"] == "crash_loop" and f["subject"]["filename"] == "/bin/sh"]
+    crash = [f for f in bundle.summary["findings"]
+             if f["rule"] == "crash_loop" and f["subject"]["filename"] == "/bin/sh"]
     assert crash and crash[0]["subject"]["reasons"]["exit 3"] >= 50
 
     processes = bundle.summary["processes"]

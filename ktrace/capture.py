@@ -31,6 +31,7 @@ DEFAULT_MAP_SIZES = {
     "udp_flows": 16384,  # UDP flows counted in the kernel; idle ones are drained when it fills
     "lookups": 4096,  # threads inside a libc resolver call (dns_names)
     "udp_calls": 8192,  # send/receive syscalls in flight on UDP sockets (the syscall alternative of udp/dns)
+    "proc_counts": len(generated.PROC_COUNTER),  # per-CPU counters of the process family (new threads)
 }
 DNS_PORTS = (53,)
 MAX_DNS_PORTS = next(v for v, name in generated.UDP_SIZES.items() if name == "max_dns_ports")

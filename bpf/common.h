@@ -24,6 +24,10 @@ enum kt_kind {
 	KT_KIND_UDP_FLOW = 5,
 	KT_KIND_DNS = 6,
 	KT_KIND_DNS_LOOKUP = 7,
+	KT_KIND_OOM = 8,
+	KT_KIND_EXEC = 9,
+	KT_KIND_FORK = 10,
+	KT_KIND_EXIT = 11,
 };
 
 /* Index of a probe family in the loss counters. */
@@ -35,7 +39,9 @@ enum kt_family {
 	KT_FAMILY_UDP = 4,
 	KT_FAMILY_DNS = 5,
 	KT_FAMILY_DNS_NAMES = 6,
-	KT_FAMILY_MAX = 7,
+	KT_FAMILY_OOM = 7,
+	KT_FAMILY_PROCESS = 8,
+	KT_FAMILY_MAX = 12,
 };
 
 /* How the task block of an event was obtained. */

@@ -31,6 +31,8 @@ ENUMS = {
     "kt_dns_role": "KT_DNS_",
     "kt_udp_sizes": "KT_",
     "kt_lookup_function": "KT_LOOKUP_",
+    "kt_oom_source": "KT_OOM_",
+    "kt_proc_counter": "KT_PROC_",
 }
 STRUCTS_ALSO = ("kt_counters", "kt_udp_flow_key")
 

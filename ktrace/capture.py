@@ -31,6 +31,7 @@ DEFAULT_MAP_SIZES = {
     "udp_flows": 16384,  # UDP flows counted in the kernel; idle ones are drained when it fills
     "lookups": 4096,  # threads inside a libc resolver call (dns_names)
     "udp_calls": 8192,  # send/receive syscalls in flight on UDP sockets (the syscall alternative of udp/dns)
+    "proc_counts": len(generated.PROC_COUNTER),  # per-CPU counters of the process family (new threads)
 }
 DNS_PORTS = (53,)
 MAX_DNS_PORTS = next(v for v, name in generated.UDP_SIZES.items() if name == "max_dns_ports")
@@ -52,6 +53,7 @@ class CaptureConfig:
     self_tgid: int = field(default_factory=os.getpid)
     # alternatives (hook labels) treated as unavailable, so that a later one in their chain is used
     skip_hooks: frozenset[str] = frozenset()
+    with_args: bool = False  # --with-args: exec events carry argv (arguments hold secrets)
 
 
 class Capture:
@@ -135,6 +137,15 @@ class Capture:
             return []
         return self.flows(idle_before_ns=now_ns - FLOW_IDLE_NS)
 
+    def process_counts(self) -> dict[str, int] | None:
+        """What the process family counted without events (new threads), summed over CPUs; None without it."""
+        obj = self.objects.get("process.bpf.o")
+        if obj is None:
+            return None
+        counts = obj.map("proc_counts")
+        return {name: sum(int.from_bytes(v[:8], "little") for v in counts.lookup_percpu(index.to_bytes(4, "little")))
+                for index, name in generated.PROC_COUNTER.items()}
+
     def detach(self) -> None:
         for link in self.links:
             link.destroy()
@@ -205,6 +216,8 @@ def _configure(obj: libbpf.BpfObject, config: CaptureConfig, shared: dict[str, i
         "kt_want_dns": "dns" in config.families,
         "kt_dns_only": config.dns_only,
         "kt_dns_ports": b"".join(p.to_bytes(2, "little") for p in config.dns_ports).ljust(2 * MAX_DNS_PORTS, b"\0"),
+        "kt_with_args": config.with_args,
+        "kt_page_shift": (os.sysconf("SC_PAGE_SIZE") - 1).bit_length(),
     }
     present = obj.rodata_variables()
     settings.update({name: value if isinstance(value, bytes) else int(value)

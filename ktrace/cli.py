@@ -153,7 +153,7 @@ def cli() -> None:
               help="Only flows with one of these ports (comma-separated), filtered in the kernel.")
 @click.option("--dns-only", is_flag=True,
               help="Only DNS: DNS messages, and TCP and UDP flows on --dns-ports. The rest is filtered in the kernel "
-                   "and counted.")
+                   "and counted. Process and OOM events are left out unless --probes names them.")
 @click.option("--dns-ports", type=PortList(limit=capture.MAX_DNS_PORTS), default="53", show_default=True,
               help=f"Ports whose traffic is DNS (comma-separated, at most {capture.MAX_DNS_PORTS}).")
 @click.option("--dns-timeout", type=Duration(), default="2s", show_default=True,
@@ -182,6 +182,9 @@ def cli() -> None:
                    "(uprobes on getaddrinfo and gethostbyname* in glibc and musl). The names go into the bundle. "
                    "Resolvers that bypass libc are not covered: Go programs, statically linked binaries, dig, "
                    "nslookup.")
+@click.option("--with-args", is_flag=True,
+              help="Also record the arguments of every exec (the first 256 bytes of argv). Off by default: "
+                   "command lines hold passwords and tokens, and they go into the bundle.")
 @click.option("--ring-size", type=Size(), default="8M", show_default=True,
               help="Ring buffer size (a power of two).")
 @click.option("--ready-file", type=click.Path(path_type=Path), default=None,
@@ -191,9 +194,9 @@ def cli() -> None:
 def snapshot(duration: float, out_dir: Path, node: str | None, ports: tuple[int, ...] | None, dns_only: bool,
              dns_ports: tuple[int, ...], dns_timeout: float, udp_flows: int, sample: int, max_events: int | None,
              max_bytes: int | None, families: tuple[str, ...] | None, skip_hooks: tuple[tuple[str, ...], ...],
-             with_connect_latency: bool, with_dns_names: bool, ring_size: int, ready_file: Path | None, verbose: int,
-             quiet: bool) -> int:
-    """Record TCP, UDP and DNS activity for a fixed window and write a bundle.
+             with_connect_latency: bool, with_dns_names: bool, with_args: bool, ring_size: int,
+             ready_file: Path | None, verbose: int, quiet: bool) -> int:
+    """Record TCP, UDP, DNS, process and OOM activity for a fixed window and write a bundle.
 
     \b
     Writes four files to --out-dir:
@@ -224,13 +227,15 @@ def snapshot(duration: float, out_dir: Path, node: str | None, ports: tuple[int,
         raise click.BadParameter("--dns-only filters on --dns-ports; leave --ports out", param_hint="--ports")
     if dns_only:
         selected += tuple(f for f in ("dns", "udp_peers") if f not in selected)
+        if not families:  # only DNS: the families that are not about the network stay out unless named
+            selected = tuple(f for f in selected if f not in ("oom", "process"))
     if with_dns_names and "dns_names" not in selected:
         selected += ("dns_names",)
     opts = SnapshotOptions(duration_s=duration, out_dir=out_dir, node=node or "", ports=ports or (),
                            dns_ports=dns_ports, dns_only=dns_only, dns_timeout_s=dns_timeout, udp_flows=udp_flows,
                            sample=sample, max_events=max_events, max_bytes=max_bytes, families=selected,
                            ring_bytes=ring, skip_hooks=frozenset(label for labels in skip_hooks for label in labels),
-                           quiet=quiet, ready_file=ready_file)
+                           quiet=quiet, ready_file=ready_file, with_args=with_args)
     result = run(opts)
     if not quiet:
         s = result.summary

@@ -346,6 +346,28 @@ FAMILIES: tuple[Family, ...] = (
             Hook("uprobe/libc:{getaddrinfo,gethostbyname{,2}{,_r}}", tuple(UPROBES), libc_uprobes(), "4.17"),
         ),
     ),
+    Family(
+        "oom",
+        "process.bpf.o",
+        description="OOM kills: the victim, its memory sizes and memory cgroup, and the task that was allocating",
+        chain=(
+            Hook("tp_btf/mark_victim", ("kt_oom_btf",), tp_btf("mark_victim"), "5.5"),
+            # sizes come in kB from the record; the victim's task block only when it is the allocating task
+            Hook("tracepoint/oom/mark_victim", ("kt_oom_tp",), tracepoint("oom", "mark_victim"), "4.19"),
+        ),
+    ),
+    Family(
+        "process",
+        "process.bpf.o",
+        description="processes started (exec), created (fork, clone without CLONE_THREAD) and ended (exit), "
+                    "with exit codes; new threads are counted",
+        chain=(
+            Hook("tp_btf/sched_process_{exec,fork,exit}", ("kt_exec_btf", "kt_fork_btf", "kt_exit_btf"),
+                 all_of(*(tp_btf(f"sched_process_{t}") for t in ("exec", "fork", "exit"))), "5.5"),
+            Hook("tracepoint/sched/sched_process_{exec,fork,exit}", ("kt_exec_tp", "kt_fork_tp", "kt_exit_tp"),
+                 all_of(*(tracepoint("sched", f"sched_process_{t}") for t in ("exec", "fork", "exit"))), "4.4"),
+        ),
+    ),
 )
 
 FAMILY_BY_NAME = {f.name: f for f in FAMILIES}

@@ -19,6 +19,7 @@ import orjson
 from ktrace import __version__, capture, libbpf, node, probes
 from ktrace.analyze.summary import LOSS_KINDS, Summary
 from ktrace.bundle import Bundle, check_out_dir
+from ktrace.enrich.cgroup import CgroupPaths, annotate_oom
 from ktrace.errors import ExitStatus, NoBTF, NotPrivileged
 from ktrace.events import generated
 from ktrace.events.decode import SCHEMA_VERSION, Decoder, family_and_weight, kernel_reset_reasons
@@ -48,6 +49,7 @@ class SnapshotOptions:
     families: tuple[str, ...] = tuple(f.name for f in probes.FAMILIES if f.default)
     ring_bytes: int = 8 << 20
     skip_hooks: frozenset[str] = frozenset()  # --skip-hook: alternatives treated as unavailable
+    with_args: bool = False  # --with-args: exec events carry the arguments
     quiet: bool = False
     ready_file: Path | None = None
     status: TextIO = field(default_factory=lambda: sys.stderr)
@@ -60,7 +62,7 @@ class SnapshotOptions:
             "dns_timeout_s": self.dns_timeout_s, "udp_flows": self.udp_flows, "sample": self.sample,
             "max_events": self.max_events, "max_bytes": self.max_bytes, "probes": list(self.families),
             "ring_bytes": self.ring_bytes, "with_dns_names": "dns_names" in self.families,
-            "skip_hooks": sorted(self.skip_hooks),
+            "skip_hooks": sorted(self.skip_hooks), "with_args": self.with_args,
         }
 
 
@@ -128,6 +130,7 @@ class _Recorder:
         self.undecodable = 0
         self.dns = DnsPairer(self.write_event, dns_timeout_ns, decoder.wall_time)
         self.flows = UdpFlows()
+        self.cgroups = CgroupPaths()
 
     def _account(self, event: dict, number: int | None) -> None:
         family, weight = family_and_weight(event)
@@ -154,6 +157,8 @@ class _Recorder:
                 self.add_flow(event)
             elif kind == "dns_query" or kind == "dns_reply":
                 self.dns.add(event)
+            elif kind == "oom_kill":  # rare: resolved while its memory cgroup most likely still exists
+                self.write_event(annotate_oom(event, self.cgroups))
             else:
                 account(event, write(line))
 
@@ -191,7 +196,7 @@ def run(opts: SnapshotOptions) -> SnapshotResult:
     config = capture.CaptureConfig(families=opts.families, ports=ports, dns_ports=opts.dns_ports,
                                    dns_only=opts.dns_only, sample_every=opts.sample, ring_bytes=opts.ring_bytes,
                                    map_sizes={**capture.DEFAULT_MAP_SIZES, "udp_flows": opts.udp_flows},
-                                   skip_hooks=opts.skip_hooks)
+                                   skip_hooks=opts.skip_hooks, with_args=opts.with_args)
     cap = capture.load(config)
     warnings = [f"{row.family}: no working probe ({row.reason})" for row in cap.table if row.status != "ok"]
     for warning in warnings:
@@ -235,6 +240,7 @@ def run(opts: SnapshotOptions) -> SnapshotResult:
             time.sleep(0.02)
             recorder.records(cap.drain())
             counters = cap.counters()
+            process_counts = cap.process_counts()
             recorder.records(cap.drain())
             recorder.records(cap.flows())
             recorder.write_flows()
@@ -303,7 +309,7 @@ def run(opts: SnapshotOptions) -> SnapshotResult:
         k = counters.get("udp", {})
         udp_map["datagrams_via_ring"] = k.get("seen", 0) - k.get("aggregated", 0) - k.get("filtered", 0) - k.get(
             "sampled_out", 0) - k.get("ringbuf_full", 0)
-    doc = summary.build(meta=meta, losses=losses, probes=probe_table, udp_map=udp_map,
+    doc = summary.build(meta=meta, losses=losses, probes=probe_table, udp_map=udp_map, process_counts=process_counts,
                         files={"events": events_file, "node": node_file}, warnings=warnings)
     bundle.write_json("summary.json", doc)
     bundle.write_tgz()

@@ -6,6 +6,7 @@ from collections import Counter
 
 from ktrace.analyze.dns import DnsAnalysis
 from ktrace.analyze.lookups import LookupAnalysis
+from ktrace.analyze.process import OomAnalysis, ProcessAnalysis
 from ktrace.analyze.tcp import TcpAnalysis
 from ktrace.analyze.udp import UdpAnalysis
 
@@ -22,6 +23,8 @@ class Summary:
         self.udp = UdpAnalysis()
         self.dns = DnsAnalysis()
         self.lookups = LookupAnalysis()
+        self.oom = OomAnalysis()
+        self.processes = ProcessAnalysis()
 
     def add(self, event: dict, line: int | None) -> None:
         self.counts[event["type"]] += 1
@@ -29,12 +32,15 @@ class Summary:
         self.udp.add(event, line)
         self.dns.add(event, line)
         self.lookups.add(event, line)
+        self.oom.add(event, line)
+        self.processes.add(event, line)
 
     def build(self, *, meta: dict, losses: dict[str, dict[str, int]], probes: list[dict], files: dict,
-              warnings: list[str], udp_map: dict | None = None) -> dict:
-        """udp_map: the kernel flow map's size and use, when the udp family ran (not known offline)."""
+              warnings: list[str], udp_map: dict | None = None, process_counts: dict | None = None) -> dict:
+        """udp_map: the kernel flow map's size and use, when the udp family ran (not known offline).
+        process_counts: what the process family counted in the kernel without events (not known offline)."""
         findings = (self.dns.findings(meta.get("options", {}).get("dns_timeout_s")) + self.lookups.findings()
-                    + self.tcp.findings())
+                    + self.tcp.findings() + self.oom.findings() + self.processes.findings())
         total = {kind: sum(f.get(kind, 0) for f in losses.values())
                  for kind in ("seen", "written", "aggregated", *LOSS_KINDS)}
         unaccounted = sum(abs(f["seen"] - f["written"] - sum(f[k] for k in LOSS_KINDS)) for f in losses.values())
@@ -59,6 +65,8 @@ class Summary:
             "dns": self.dns.summary(),
             "dns_suspects": self.dns.suspects(),
             "dns_lookups": self.lookups.summary(),
+            "oom": self.oom.summary(),
+            "processes": self.processes.summary(process_counts),
             "findings": findings,
             "files": files,
             "warnings": warnings,

@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import ipaddress
 import operator
+import signal
 import time
 from collections.abc import Callable
 
@@ -63,13 +64,19 @@ KIND_FIELDS = {
     "udp_flow": ("direction", "netns", "packets", "bytes", "errors", "last_error", "last_ns"),
     "dns": ("skaddr", "netns", "protocol", "message", "role", "ret"),
     "dns_lookup": ("function", "name", "family", "ret", "h_errno", "latency_ns"),
+    "oom": ("total_vm_kb", "anon_rss_kb", "file_rss_kb", "shmem_rss_kb", "pgtables_kb", "oom_score_adj", "source",
+            "trigger_pid", "trigger_tid", "trigger_comm"),
+    "exec": ("filename", "old_tid", "args", "args_len", "args_truncated"),
+    "fork": ("child_pid", "child_ppid"),
+    "exit": ("exit_code", "runtime_ns"),
 }
 # The event types a kind decodes to, where they are not just the kind's name.
-TYPES_OF_KIND = {"dns": ("dns_query", "dns_reply")}
+TYPES_OF_KIND = {"dns": ("dns_query", "dns_reply"), "oom": ("oom_kill",)}
 # The probe family an event type is counted against in the loss table; user-space types have none.
 FAMILY_OF_TYPE = {
     "tcp_state": "tcp_state", "connect": "connect", "retransmit": "retransmit", "reset": "reset",
     "udp_flow": "udp", "dns_query": "dns", "dns_reply": "dns", "dns_lookup": "dns_names",
+    "oom_kill": "oom", "exec": "process", "fork": "process", "exit": "process",
 }
 _TASK_BLOCK = slice(16, 96)  # struct kt_task inside every record, after struct kt_hdr
 
@@ -265,6 +272,62 @@ class Decoder:
         event["ret"] = ret
         event["latency_ms"] = round(latency_ns / 1e6, 3)
         return "dns_lookup"
+
+    def _fmt_oom(self, event: dict, f: tuple) -> str:
+        total_vm, anon, file, shmem, pgtables, adj, source, trigger_pid, trigger_tid, trigger_comm = f
+        event["total_vm_kb"] = total_vm
+        event["anon_rss_kb"] = anon
+        event["file_rss_kb"] = file
+        event["shmem_rss_kb"] = shmem
+        event["pgtables_kb"] = pgtables
+        event["oom_score_adj"] = adj
+        event["trigger_pid"] = trigger_pid
+        event["trigger_tid"] = trigger_tid
+        event["trigger_comm"] = _comm(trigger_comm)
+        event["source"] = generated.OOM_SOURCE.get(source, str(source))
+        # filled by the recorder from the live cgroup hierarchies (ktrace.enrich.cgroup)
+        event["memcg_path"] = None
+        event["cgroup_path"] = None
+        return "oom_kill"
+
+    def _fmt_exec(self, event: dict, f: tuple) -> str:
+        filename, old_tid, args, args_len, truncated = f
+        event["filename"] = _comm(filename)
+        event["old_tid"] = old_tid
+        if args_len:  # only with --with-args: otherwise no argument ever reaches the bundle
+            event["args"] = exec_args(args[:args_len])
+            event["args_truncated"] = bool(truncated)
+        return "exec"
+
+    def _fmt_fork(self, event: dict, f: tuple) -> str:
+        child_pid, child_ppid = f
+        event["child_pid"] = child_pid
+        event["child_ppid"] = child_ppid
+        return "fork"
+
+    def _fmt_exit(self, event: dict, f: tuple) -> str:
+        code, runtime_ns = f
+        event.update(exit_status(code))
+        event["runtime_ms"] = round(runtime_ns / 1e6, 3)
+        return "exit"
+
+
+def exec_args(raw: bytes) -> str:
+    """argv as the kernel lays it out (NUL after each argument) → one line, arguments separated by spaces."""
+    return raw.rstrip(b"\0").replace(b"\0", b" ").decode("utf-8", "replace")
+
+
+def exit_status(code: int) -> dict:
+    """The kernel's raw wait status → exit_code, exit_status (a normal exit), signal and core_dump (a kill)."""
+    sig = code & 0x7F
+    name = None
+    if sig:
+        try:
+            name = signal.Signals(sig).name
+        except ValueError:
+            name = str(sig)
+    return {"exit_code": code, "exit_status": None if sig else code >> 8 & 0xFF, "signal": name,
+            "core_dump": bool(code & 0x80)}
 
 
 def lookup_result(function: str, ret: int, h_errno: int) -> str:

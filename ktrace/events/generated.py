@@ -11,6 +11,10 @@ KIND = {
     5: 'udp_flow',
     6: 'dns',
     7: 'dns_lookup',
+    8: 'oom',
+    9: 'exec',
+    10: 'fork',
+    11: 'exit',
 }
 
 FAMILY = {
@@ -21,6 +25,8 @@ FAMILY = {
     4: 'udp',
     5: 'dns',
     6: 'dns_names',
+    7: 'oom',
+    8: 'process',
 }
 
 ATTRIBUTION = {
@@ -60,6 +66,15 @@ LOOKUP_FUNCTION = {
     3: 'gethostbyname2',
     4: 'gethostbyname_r',
     5: 'gethostbyname2_r',
+}
+
+OOM_SOURCE = {
+    1: 'task',
+    2: 'tracepoint',
+}
+
+PROC_COUNTER = {
+    0: 'threads_created',
 }
 
 DNS_LOOKUP_EVENT = Layout(
@@ -102,6 +117,125 @@ COUNTERS = Layout(
         Field('sampled_out', 16, 'Q', '__u64'),
         Field('ringbuf_full', 24, 'Q', '__u64'),
         Field('aggregated', 32, 'Q', '__u64'),
+    ),
+)
+
+OOM_EVENT = Layout(
+    'kt_oom_event',
+    168,
+    (
+        Field('hdr.ts_ns', 0, 'Q', '__u64'),
+        Field('hdr.kind', 8, 'H', '__u16'),
+        Field('hdr.size', 10, 'H', '__u16'),
+        Field('hdr.cpu', 12, 'I', '__u32'),
+        Field('task.cgroup_id', 16, 'Q', '__u64'),
+        Field('task.memcg_id', 24, 'Q', '__u64'),
+        Field('task.cap_effective', 32, 'Q', '__u64'),
+        Field('task.pid', 40, 'I', '__u32'),
+        Field('task.tgid', 44, 'I', '__u32'),
+        Field('task.ppid', 48, 'I', '__u32'),
+        Field('task.uid', 52, 'I', '__u32'),
+        Field('task.gid', 56, 'I', '__u32'),
+        Field('task.netns', 60, 'I', '__u32'),
+        Field('task.mntns', 64, 'I', '__u32'),
+        Field('task.pidns', 68, 'I', '__u32'),
+        Field('task.userns', 72, 'I', '__u32'),
+        Field('task.seccomp_mode', 76, 'I', '__u32'),
+        Field('task.comm', 80, '16s', '__u8[16]'),
+        Field('total_vm_kb', 96, 'Q', '__u64'),
+        Field('anon_rss_kb', 104, 'Q', '__u64'),
+        Field('file_rss_kb', 112, 'Q', '__u64'),
+        Field('shmem_rss_kb', 120, 'Q', '__u64'),
+        Field('pgtables_kb', 128, 'Q', '__u64'),
+        Field('trigger_pid', 136, 'I', '__u32'),
+        Field('trigger_tid', 140, 'I', '__u32'),
+        Field('oom_score_adj', 144, 'h', '__s16'),
+        Field('source', 146, 'B', '__u8'),
+        Field('trigger_comm', 152, '16s', '__u8[16]'),
+    ),
+)
+
+EXEC_EVENT = Layout(
+    'kt_exec_event',
+    616,
+    (
+        Field('hdr.ts_ns', 0, 'Q', '__u64'),
+        Field('hdr.kind', 8, 'H', '__u16'),
+        Field('hdr.size', 10, 'H', '__u16'),
+        Field('hdr.cpu', 12, 'I', '__u32'),
+        Field('task.cgroup_id', 16, 'Q', '__u64'),
+        Field('task.memcg_id', 24, 'Q', '__u64'),
+        Field('task.cap_effective', 32, 'Q', '__u64'),
+        Field('task.pid', 40, 'I', '__u32'),
+        Field('task.tgid', 44, 'I', '__u32'),
+        Field('task.ppid', 48, 'I', '__u32'),
+        Field('task.uid', 52, 'I', '__u32'),
+        Field('task.gid', 56, 'I', '__u32'),
+        Field('task.netns', 60, 'I', '__u32'),
+        Field('task.mntns', 64, 'I', '__u32'),
+        Field('task.pidns', 68, 'I', '__u32'),
+        Field('task.userns', 72, 'I', '__u32'),
+        Field('task.seccomp_mode', 76, 'I', '__u32'),
+        Field('task.comm', 80, '16s', '__u8[16]'),
+        Field('old_tid', 96, 'I', '__u32'),
+        Field('args_len', 100, 'H', '__u16'),
+        Field('args_truncated', 102, 'B', '__u8'),
+        Field('filename', 104, '256s', '__u8[256]'),
+        Field('args', 360, '256s', '__u8[256]'),
+    ),
+)
+
+FORK_EVENT = Layout(
+    'kt_fork_event',
+    104,
+    (
+        Field('hdr.ts_ns', 0, 'Q', '__u64'),
+        Field('hdr.kind', 8, 'H', '__u16'),
+        Field('hdr.size', 10, 'H', '__u16'),
+        Field('hdr.cpu', 12, 'I', '__u32'),
+        Field('task.cgroup_id', 16, 'Q', '__u64'),
+        Field('task.memcg_id', 24, 'Q', '__u64'),
+        Field('task.cap_effective', 32, 'Q', '__u64'),
+        Field('task.pid', 40, 'I', '__u32'),
+        Field('task.tgid', 44, 'I', '__u32'),
+        Field('task.ppid', 48, 'I', '__u32'),
+        Field('task.uid', 52, 'I', '__u32'),
+        Field('task.gid', 56, 'I', '__u32'),
+        Field('task.netns', 60, 'I', '__u32'),
+        Field('task.mntns', 64, 'I', '__u32'),
+        Field('task.pidns', 68, 'I', '__u32'),
+        Field('task.userns', 72, 'I', '__u32'),
+        Field('task.seccomp_mode', 76, 'I', '__u32'),
+        Field('task.comm', 80, '16s', '__u8[16]'),
+        Field('child_pid', 96, 'I', '__u32'),
+        Field('child_ppid', 100, 'I', '__u32'),
+    ),
+)
+
+EXIT_EVENT = Layout(
+    'kt_exit_event',
+    112,
+    (
+        Field('hdr.ts_ns', 0, 'Q', '__u64'),
+        Field('hdr.kind', 8, 'H', '__u16'),
+        Field('hdr.size', 10, 'H', '__u16'),
+        Field('hdr.cpu', 12, 'I', '__u32'),
+        Field('task.cgroup_id', 16, 'Q', '__u64'),
+        Field('task.memcg_id', 24, 'Q', '__u64'),
+        Field('task.cap_effective', 32, 'Q', '__u64'),
+        Field('task.pid', 40, 'I', '__u32'),
+        Field('task.tgid', 44, 'I', '__u32'),
+        Field('task.ppid', 48, 'I', '__u32'),
+        Field('task.uid', 52, 'I', '__u32'),
+        Field('task.gid', 56, 'I', '__u32'),
+        Field('task.netns', 60, 'I', '__u32'),
+        Field('task.mntns', 64, 'I', '__u32'),
+        Field('task.pidns', 68, 'I', '__u32'),
+        Field('task.userns', 72, 'I', '__u32'),
+        Field('task.seccomp_mode', 76, 'I', '__u32'),
+        Field('task.comm', 80, '16s', '__u8[16]'),
+        Field('runtime_ns', 96, 'Q', '__u64'),
+        Field('exit_code', 104, 'I', '__u32'),
     ),
 )
 
@@ -345,4 +479,8 @@ LAYOUTS = {
     5: UDP_FLOW_EVENT,
     6: DNS_EVENT,
     7: DNS_LOOKUP_EVENT,
+    8: OOM_EVENT,
+    9: EXEC_EVENT,
+    10: FORK_EVENT,
+    11: EXIT_EVENT,
 }

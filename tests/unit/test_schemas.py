@@ -165,15 +165,17 @@ def test_missing_field_in_an_event_fails(bundle_copy):
 
 
 def test_field_of_the_wrong_type_fails(bundle_copy):
-    _rewrite_events(bundle_copy["events.jsonl"], lambda e: e.update(sport="47001"), line=1)
+    line = _line_of("tcp_state")
+    _rewrite_events(bundle_copy["events.jsonl"], lambda e: e.update(sport="47001"), line=line)
     errors = schemas.validate_bundle(bundle_copy["summary.json"])
-    assert any(e.startswith("events.jsonl:1: $.sport:") for e in errors)
+    assert any(e.startswith(f"events.jsonl:{line}: $.sport:") for e in errors)
 
 
 def test_port_out_of_range_fails(bundle_copy):
-    _rewrite_events(bundle_copy["events.jsonl"], lambda e: e.update(dport=70000), line=1)
+    line = _line_of("tcp_state")
+    _rewrite_events(bundle_copy["events.jsonl"], lambda e: e.update(dport=70000), line=line)
     errors = schemas.validate_bundle(bundle_copy["summary.json"])
-    assert any(e.startswith("events.jsonl:1: $.dport:") and "70000" in e for e in errors)
+    assert any(e.startswith(f"events.jsonl:{line}: $.dport:") and "70000" in e for e in errors)
 
 
 def test_unknown_event_type_fails(bundle_copy):

@@ -1,0 +1,80 @@
+"""cgroup id → path, by walking the mounted hierarchies (DESIGN §6).
+
+The kernel names a cgroup by its kernfs node id, which on 64-bit kernels is the
+inode number of the cgroup's directory. Events carry two: `cgroup_id` (the
+cgroup2 hierarchy) and `memcg_id` (the memory controller's cgroup: v1 on hybrid
+hosts, the cgroup2 one otherwise). A miss walks the hierarchy again, at most
+every RESCAN_S per hierarchy; every directory seen on the way is cached, in a
+bounded table. A cgroup removed before it is looked up stays unresolved.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+from ktrace import probes
+
+MAX_ENTRIES = 65536  # cached (hierarchy, id) → path
+MAX_WALK = 100_000  # directories visited by one walk
+RESCAN_S = 0.2  # a miss rescans a hierarchy at most this often
+
+
+def memory_root() -> Path | None:
+    """The memory controller's hierarchy: the v1 mount with the memory option, else the cgroup2 root."""
+    try:
+        lines = Path("/proc/self/mounts").read_text().splitlines()
+    except OSError:
+        lines = []
+    for fields in map(str.split, lines):
+        if len(fields) > 3 and fields[2] == "cgroup" and "memory" in fields[3].split(","):
+            return Path(fields[1])
+    return probes.cgroup2_root()
+
+
+class CgroupPaths:
+    """Paths of cgroups by id, per hierarchy ("memory", "unified"), as /proc/<pid>/cgroup shows them."""
+
+    def __init__(self, roots: dict[str, Path | None] | None = None, max_entries: int = MAX_ENTRIES) -> None:
+        self.roots = roots if roots is not None else {"memory": memory_root(), "unified": probes.cgroup2_root()}
+        self.max_entries = max_entries
+        self._paths: dict[tuple[str, int], str] = {}
+        self._scanned: dict[str, float] = {}
+
+    def path(self, hierarchy: str, cgroup_id: int) -> str | None:
+        if not cgroup_id:
+            return None
+        key = (hierarchy, cgroup_id)
+        if key not in self._paths:
+            self._walk(hierarchy, cgroup_id)
+        return self._paths.get(key)
+
+    def _walk(self, hierarchy: str, wanted: int) -> None:
+        root = self.roots.get(hierarchy)
+        if root is None or time.monotonic() - self._scanned.get(hierarchy, -RESCAN_S) < RESCAN_S:
+            return
+        pending, visited = [(root, "/")], 0
+        while pending and visited < MAX_WALK:
+            directory, shown = pending.pop()
+            visited += 1
+            try:
+                ino = os.stat(directory).st_ino
+                entries = [e for e in os.scandir(directory) if e.is_dir(follow_symlinks=False)]
+            except OSError:  # removed while we walked
+                continue
+            if len(self._paths) >= self.max_entries:
+                self._paths.clear()
+            self._paths[(hierarchy, ino)] = shown
+            if ino == wanted:
+                return
+            pending += [(Path(e.path), f"{shown.rstrip('/')}/{e.name}") for e in entries]
+        # only a walk that missed is rate-limited: ids that appear later are found by the next one
+        self._scanned[hierarchy] = time.monotonic()
+
+
+def annotate_oom(event: dict, paths: CgroupPaths) -> dict:
+    """Fill an oom_kill event's memcg_path and cgroup_path."""
+    event["memcg_path"] = paths.path("memory", event["memcg_id"])
+    event["cgroup_path"] = paths.path("unified", event["cgroup_id"])
+    return event

@@ -24,6 +24,7 @@ enum kt_kind {
 	KT_KIND_UDP_FLOW = 5,
 	KT_KIND_DNS = 6,
 	KT_KIND_DNS_LOOKUP = 7,
+	KT_KIND_DROP = 14,
 };
 
 /* Index of a probe family in the loss counters. */
@@ -35,7 +36,8 @@ enum kt_family {
 	KT_FAMILY_UDP = 4,
 	KT_FAMILY_DNS = 5,
 	KT_FAMILY_DNS_NAMES = 6,
-	KT_FAMILY_MAX = 7,
+	KT_FAMILY_DROPS = 11,
+	KT_FAMILY_MAX = 12,
 };
 
 /* How the task block of an event was obtained. */

@@ -32,7 +32,7 @@ ENUMS = {
     "kt_udp_sizes": "KT_",
     "kt_lookup_function": "KT_LOOKUP_",
 }
-STRUCTS_ALSO = ("kt_counters", "kt_udp_flow_key")
+STRUCTS_ALSO = ("kt_counters", "kt_udp_flow_key", "kt_drop_key")
 
 
 def sha256(path: Path) -> str:

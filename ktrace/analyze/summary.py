@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections import Counter
 
 from ktrace.analyze.dns import DnsAnalysis
+from ktrace.analyze.drops import DropAnalysis
 from ktrace.analyze.lookups import LookupAnalysis
 from ktrace.analyze.tcp import TcpAnalysis
 from ktrace.analyze.udp import UdpAnalysis
@@ -22,6 +23,7 @@ class Summary:
         self.udp = UdpAnalysis()
         self.dns = DnsAnalysis()
         self.lookups = LookupAnalysis()
+        self.drops = DropAnalysis()
 
     def add(self, event: dict, line: int | None) -> None:
         self.counts[event["type"]] += 1
@@ -29,12 +31,13 @@ class Summary:
         self.udp.add(event, line)
         self.dns.add(event, line)
         self.lookups.add(event, line)
+        self.drops.add(event, line)
 
     def build(self, *, meta: dict, losses: dict[str, dict[str, int]], probes: list[dict], files: dict,
-              warnings: list[str], udp_map: dict | None = None) -> dict:
-        """udp_map: the kernel flow map's size and use, when the udp family ran (not known offline)."""
+              warnings: list[str], udp_map: dict | None = None, drops_map: dict | None = None) -> dict:
+        """udp_map, drops_map: the kernel maps' sizes and use, when their families ran (not known offline)."""
         findings = (self.dns.findings(meta.get("options", {}).get("dns_timeout_s")) + self.lookups.findings()
-                    + self.tcp.findings())
+                    + self.tcp.findings() + self.drops.findings())
         total = {kind: sum(f.get(kind, 0) for f in losses.values())
                  for kind in ("seen", "written", "aggregated", *LOSS_KINDS)}
         unaccounted = sum(abs(f["seen"] - f["written"] - sum(f[k] for k in LOSS_KINDS)) for f in losses.values())
@@ -59,6 +62,7 @@ class Summary:
             "dns": self.dns.summary(),
             "dns_suspects": self.dns.suspects(),
             "dns_lookups": self.lookups.summary(),
+            "drops": self.drops.summary(drops_map),
             "findings": findings,
             "files": files,
             "warnings": warnings,

@@ -15,7 +15,7 @@ from collections.abc import Callable
 
 import orjson
 
-from ktrace.events import generated
+from ktrace.events import drops, generated
 
 # include/net/tcp_states.h
 TCP_STATES = {
@@ -63,6 +63,7 @@ KIND_FIELDS = {
     "udp_flow": ("direction", "netns", "packets", "bytes", "errors", "last_error", "last_ns"),
     "dns": ("skaddr", "netns", "protocol", "message", "role", "ret"),
     "dns_lookup": ("function", "name", "family", "ret", "h_errno", "latency_ns"),
+    "drop": ("reason", "protocol", "ip_proto", "location", "skaddr", "sk_cgroup_id", "sk_ino", "sk_uid", "netns"),
 }
 # The event types a kind decodes to, where they are not just the kind's name.
 TYPES_OF_KIND = {"dns": ("dns_query", "dns_reply")}
@@ -70,6 +71,7 @@ TYPES_OF_KIND = {"dns": ("dns_query", "dns_reply")}
 FAMILY_OF_TYPE = {
     "tcp_state": "tcp_state", "connect": "connect", "retransmit": "retransmit", "reset": "reset",
     "udp_flow": "udp", "dns_query": "dns", "dns_reply": "dns", "dns_lookup": "dns_names",
+    "drop": "drops", "drop_count": "drops",
 }
 _TASK_BLOCK = slice(16, 96)  # struct kt_task inside every record, after struct kt_hdr
 
@@ -79,6 +81,8 @@ def family_and_weight(event: dict) -> tuple[str | None, int]:
     kind = event["type"]
     if kind == "udp_flow":
         return "udp", event["packets"] + event["errors"]
+    if kind == "drop_count":
+        return "drops", event["count"]
     return FAMILY_OF_TYPE.get(kind), 1
 
 
@@ -115,9 +119,11 @@ class Decoder:
     formatted dict and JSON are cached by its raw bytes.
     """
 
-    def __init__(self, boot_to_wall_ns: int, reset_reasons: dict[int, str] | None = None) -> None:
+    def __init__(self, boot_to_wall_ns: int, reset_reasons: dict[int, str] | None = None,
+                 drop_reasons: dict[int, str] | None = None) -> None:
         self.boot_to_wall_ns = boot_to_wall_ns
         self.reset_reasons = reset_reasons or {}
+        self.drop_reasons = drop_reasons or {}
         self._addr_cache: dict[tuple[int, bytes], str] = {}
         self._task_cache: dict[tuple[bytes, int], tuple[dict, bytes]] = {}
         self._second = self._ms = -1
@@ -265,6 +271,19 @@ class Decoder:
         event["ret"] = ret
         event["latency_ms"] = round(latency_ns / 1e6, 3)
         return "dns_lookup"
+
+    def _fmt_drop(self, event: dict, f: tuple) -> str:
+        reason, protocol, ip_proto, location, skaddr, sk_cgroup_id, sk_ino, sk_uid, netns = f
+        event["reason"] = drops.reason_name(self.drop_reasons, reason)
+        event["reason_code"] = reason
+        event["protocol"] = drops.protocol_label(protocol, ip_proto)
+        event["location"] = f"{location:#x}"
+        event["sk"] = f"{skaddr:#x}"
+        event["sk_cgroup_id"] = sk_cgroup_id
+        event["sk_ino"] = sk_ino
+        event["sk_uid"] = sk_uid if skaddr else None
+        event["netns_pkt"] = netns
+        return "drop"
 
 
 def lookup_result(function: str, ret: int, h_errno: int) -> str:

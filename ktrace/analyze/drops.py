@@ -54,6 +54,13 @@ DEFAULT_HINT = ("See enum skb_drop_reason (include/net/dropreason-core.h) for th
                 "(a kernel address, see /proc/kallsyms) says where it happened.")
 
 
+def _endpoint(addr: str | None, port: int | None) -> str:
+    """address:port; the address alone for a packet without ports, - when its IP header was not read."""
+    if addr is None:
+        return "-"
+    return endpoint(addr, port) if port is not None else addr
+
+
 class DropAnalysis:
     def __init__(self) -> None:
         self.by_reason: Counter[str] = Counter()
@@ -80,8 +87,8 @@ class DropAnalysis:
             self.single += 1
             self._add(event["reason"], event["protocol"], 1)
             self.examples.setdefault(event["reason"], Examples()).add(event, line)
-            key = (event["reason"], event["protocol"], endpoint(event["saddr"], event["sport"]),
-                   endpoint(event["daddr"], event["dport"]), event["sk_ino"])
+            key = (event["reason"], event["protocol"], _endpoint(event["saddr"], event["sport"]),
+                   _endpoint(event["daddr"], event["dport"]), event["sk_ino"])
             flow = self.flows.get(key)
             if flow is None:
                 flow = self.flows[key] = {

@@ -274,6 +274,10 @@ class Decoder:
 
     def _fmt_drop(self, event: dict, f: tuple) -> str:
         reason, protocol, ip_proto, location, skaddr, sk_cgroup_id, sk_ino, sk_uid, netns = f
+        if not ip_proto:  # the IP header was not read (not IP, or not set yet): no addresses
+            event.update(family=None, saddr=None, daddr=None)
+        if ip_proto not in PROTOCOLS:
+            event.update(sport=None, dport=None)
         event["reason"] = drops.reason_name(self.drop_reasons, reason)
         event["reason_code"] = reason
         event["protocol"] = drops.protocol_label(protocol, ip_proto)

@@ -28,6 +28,7 @@ enum kt_kind {
 	KT_KIND_EXEC = 9,
 	KT_KIND_FORK = 10,
 	KT_KIND_EXIT = 11,
+	KT_KIND_DROP = 14,
 };
 
 /* Index of a probe family in the loss counters. */
@@ -41,6 +42,7 @@ enum kt_family {
 	KT_FAMILY_DNS_NAMES = 6,
 	KT_FAMILY_OOM = 7,
 	KT_FAMILY_PROCESS = 8,
+	KT_FAMILY_DROPS = 11,
 	KT_FAMILY_MAX = 12,
 };
 

@@ -34,7 +34,7 @@ ENUMS = {
     "kt_oom_source": "KT_OOM_",
     "kt_proc_counter": "KT_PROC_",
 }
-STRUCTS_ALSO = ("kt_counters", "kt_udp_flow_key")
+STRUCTS_ALSO = ("kt_counters", "kt_udp_flow_key", "kt_drop_key")
 
 
 def sha256(path: Path) -> str:

@@ -32,6 +32,7 @@ DEFAULT_MAP_SIZES = {
     "lookups": 4096,  # threads inside a libc resolver call (dns_names)
     "udp_calls": 8192,  # send/receive syscalls in flight on UDP sockets (the syscall alternative of udp/dns)
     "proc_counts": len(generated.PROC_COUNTER),  # per-CPU counters of the process family (new threads)
+    "drop_counts": 4096,  # (drop reason, ethertype, IP protocol) keys counted in the kernel (drops)
 }
 DNS_PORTS = (53,)
 MAX_DNS_PORTS = next(v for v, name in generated.UDP_SIZES.items() if name == "max_dns_ports")
@@ -77,6 +78,7 @@ class Capture:
             self._flows = objects["udp.bpf.o"].map("udp_flows")
             self._flows_inserted = objects["udp.bpf.o"].map("udp_flows_inserted")
         self._flows_deleted = 0
+        self._drop_counts = objects["drops.bpf.o"].map("drop_counts") if "drops.bpf.o" in objects else None
 
     def _on_record(self, data: int, size: int) -> int:
         self.pending.append(ctypes.string_at(data, size))
@@ -145,6 +147,20 @@ class Capture:
         counts = obj.map("proc_counts")
         return {name: sum(int.from_bytes(v[:8], "little") for v in counts.lookup_percpu(index.to_bytes(4, "little")))
                 for index, name in generated.PROC_COUNTER.items()}
+
+    def drop_counts(self) -> list[tuple[bytes, int]] | None:
+        """The drops counted in the kernel: (struct kt_drop_key, drops summed over CPUs); None without drops."""
+        if self._drop_counts is None:
+            return None
+        out = []
+        for key in list(self._drop_counts.keys()):
+            count = sum(int.from_bytes(v[:8], "little") for v in self._drop_counts.lookup_percpu(key))
+            if count:
+                out.append((key, count))
+        return out
+
+    def drop_counts_size(self) -> int:
+        return self._drop_counts.max_entries if self._drop_counts is not None else 0
 
     def detach(self) -> None:
         for link in self.links:

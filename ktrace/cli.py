@@ -150,7 +150,8 @@ def cli() -> None:
               help="Where the bundle is written (created if missing).")
 @click.option("--node", default=None, help="Node name in file names. [default: $NODE_NAME, then the hostname]")
 @click.option("--ports", type=PortList(), default=None,
-              help="Only flows with one of these ports (comma-separated), filtered in the kernel.")
+              help="Only flows with one of these ports (comma-separated), filtered in the kernel. Dropped TCP/UDP "
+                   "packets on them are also recorded one by one (all drops are counted either way).")
 @click.option("--dns-only", is_flag=True,
               help="Only DNS: DNS messages, and TCP and UDP flows on --dns-ports. The rest is filtered in the kernel "
                    "and counted. Process and OOM events are left out unless --probes names them.")

@@ -368,6 +368,21 @@ FAMILIES: tuple[Family, ...] = (
                  all_of(*(tracepoint("sched", f"sched_process_{t}") for t in ("exec", "fork", "exit"))), "4.4"),
         ),
     ),
+    Family(
+        "drops",
+        "drops.bpf.o",
+        description="packets the kernel dropped, counted in the kernel by reason and protocol; "
+                    "TCP/UDP drops on --ports also one by one",
+        chain=(
+            # with the receiving socket (rx_sk, 6.11+); on 5.17-6.10 the tracepoint has 3 arguments and the
+            # verifier refuses the program, so the classic tracepoint below takes over
+            Hook("tp_btf/kfree_skb", ("kt_drop_btf",), tp_btf("kfree_skb"), "6.11"),
+            Hook("tracepoint/skb/kfree_skb", ("kt_drop_tp",),
+                 all_of(tracepoint("skb", "kfree_skb"),
+                        _btf_type("skb_drop_reason", libbpf.BTF_KIND_ENUM, "no enum skb_drop_reason (drop reasons "
+                                  "arrived in Linux 5.17)")), "5.17"),
+        ),
+    ),
 )
 
 FAMILY_BY_NAME = {f.name: f for f in FAMILIES}

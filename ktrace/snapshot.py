@@ -24,6 +24,7 @@ from ktrace.errors import ExitStatus, NoBTF, NotPrivileged
 from ktrace.events import generated
 from ktrace.events.decode import SCHEMA_VERSION, Decoder, family_and_weight, kernel_reset_reasons
 from ktrace.events.dns import DnsPairer
+from ktrace.events.drops import count_events, kernel_drop_reasons
 from ktrace.events.flows import UdpFlows
 
 # Linux capability numbers (include/uapi/linux/capability.h)
@@ -205,7 +206,8 @@ def run(opts: SnapshotOptions) -> SnapshotResult:
     offset_start = capture.boot_to_wall_offset_ns()
     started = time.time()
     bundle = Bundle(opts.out_dir, node_name, started, opts.max_events, opts.max_bytes)
-    decoder = Decoder(offset_start, kernel_reset_reasons(probes.vmlinux_btf()))
+    decoder = Decoder(offset_start, kernel_reset_reasons(probes.vmlinux_btf()),
+                      kernel_drop_reasons(probes.vmlinux_btf()))
     summary = Summary()
     recorder = _Recorder(decoder, bundle, summary, int(opts.dns_timeout_s * 1e9))
     live = opts.status.isatty() and not opts.quiet
@@ -244,12 +246,20 @@ def run(opts: SnapshotOptions) -> SnapshotResult:
             recorder.records(cap.drain())
             recorder.records(cap.flows())
             recorder.write_flows()
+            drop_counts = cap.drop_counts()
+            boot_end = time.clock_gettime_ns(time.CLOCK_BOOTTIME)
+            for event in count_events(drop_counts or [], decoder.drop_reasons, decoder.wall_time(boot_end), boot_end):
+                recorder.write_event(event)
             recorder.dns.expire(time.clock_gettime_ns(time.CLOCK_BOOTTIME), window_end=True)
         if live:
             opts.status.write("\n")
         probe_table = [row.as_dict() for row in cap.table]
         maps = cap.map_report
         udp_map = cap.flows_report()
+        drops_map = None
+        if drop_counts is not None:
+            drops_map = {"max_entries": cap.drop_counts_size(), "keys": len(drop_counts),
+                         "full": len(drop_counts) >= cap.drop_counts_size()}
     except BaseException:
         bundle.abandon()
         raise
@@ -310,6 +320,7 @@ def run(opts: SnapshotOptions) -> SnapshotResult:
         udp_map["datagrams_via_ring"] = k.get("seen", 0) - k.get("aggregated", 0) - k.get("filtered", 0) - k.get(
             "sampled_out", 0) - k.get("ringbuf_full", 0)
     doc = summary.build(meta=meta, losses=losses, probes=probe_table, udp_map=udp_map, process_counts=process_counts,
+                        drops_map=drops_map,
                         files={"events": events_file, "node": node_file}, warnings=warnings)
     bundle.write_json("summary.json", doc)
     bundle.write_tgz()

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections import Counter
 
 from ktrace.analyze.dns import DnsAnalysis
+from ktrace.analyze.drops import DropAnalysis
 from ktrace.analyze.lookups import LookupAnalysis
 from ktrace.analyze.process import OomAnalysis, ProcessAnalysis
 from ktrace.analyze.tcp import TcpAnalysis
@@ -25,6 +26,7 @@ class Summary:
         self.lookups = LookupAnalysis()
         self.oom = OomAnalysis()
         self.processes = ProcessAnalysis()
+        self.drops = DropAnalysis()
 
     def add(self, event: dict, line: int | None) -> None:
         self.counts[event["type"]] += 1
@@ -34,13 +36,15 @@ class Summary:
         self.lookups.add(event, line)
         self.oom.add(event, line)
         self.processes.add(event, line)
+        self.drops.add(event, line)
 
     def build(self, *, meta: dict, losses: dict[str, dict[str, int]], probes: list[dict], files: dict,
-              warnings: list[str], udp_map: dict | None = None, process_counts: dict | None = None) -> dict:
-        """udp_map: the kernel flow map's size and use, when the udp family ran (not known offline).
-        process_counts: what the process family counted in the kernel without events (not known offline)."""
+              warnings: list[str], udp_map: dict | None = None, process_counts: dict | None = None,
+              drops_map: dict | None = None) -> dict:
+        """udp_map, drops_map: the kernel maps' sizes and use, when their families ran; process_counts: what the
+        process family counted in the kernel without events. None of them is known offline."""
         findings = (self.dns.findings(meta.get("options", {}).get("dns_timeout_s")) + self.lookups.findings()
-                    + self.tcp.findings() + self.oom.findings() + self.processes.findings())
+                    + self.tcp.findings() + self.oom.findings() + self.processes.findings() + self.drops.findings())
         total = {kind: sum(f.get(kind, 0) for f in losses.values())
                  for kind in ("seen", "written", "aggregated", *LOSS_KINDS)}
         unaccounted = sum(abs(f["seen"] - f["written"] - sum(f[k] for k in LOSS_KINDS)) for f in losses.values())
@@ -67,6 +71,7 @@ class Summary:
             "dns_lookups": self.lookups.summary(),
             "oom": self.oom.summary(),
             "processes": self.processes.summary(process_counts),
+            "drops": self.drops.summary(drops_map),
             "findings": findings,
             "files": files,
             "warnings": warnings,

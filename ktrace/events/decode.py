@@ -16,7 +16,7 @@ from collections.abc import Callable
 
 import orjson
 
-from ktrace.events import generated
+from ktrace.events import drops, generated
 
 # include/net/tcp_states.h
 TCP_STATES = {
@@ -69,6 +69,7 @@ KIND_FIELDS = {
     "exec": ("filename", "old_tid", "args", "args_len", "args_truncated"),
     "fork": ("child_pid", "child_ppid"),
     "exit": ("exit_code", "runtime_ns"),
+    "drop": ("reason", "protocol", "ip_proto", "location", "skaddr", "sk_cgroup_id", "sk_ino", "sk_uid", "netns"),
 }
 # The event types a kind decodes to, where they are not just the kind's name.
 TYPES_OF_KIND = {"dns": ("dns_query", "dns_reply"), "oom": ("oom_kill",)}
@@ -77,6 +78,7 @@ FAMILY_OF_TYPE = {
     "tcp_state": "tcp_state", "connect": "connect", "retransmit": "retransmit", "reset": "reset",
     "udp_flow": "udp", "dns_query": "dns", "dns_reply": "dns", "dns_lookup": "dns_names",
     "oom_kill": "oom", "exec": "process", "fork": "process", "exit": "process",
+    "drop": "drops", "drop_count": "drops",
 }
 _TASK_BLOCK = slice(16, 96)  # struct kt_task inside every record, after struct kt_hdr
 
@@ -86,6 +88,8 @@ def family_and_weight(event: dict) -> tuple[str | None, int]:
     kind = event["type"]
     if kind == "udp_flow":
         return "udp", event["packets"] + event["errors"]
+    if kind == "drop_count":
+        return "drops", event["count"]
     return FAMILY_OF_TYPE.get(kind), 1
 
 
@@ -122,9 +126,11 @@ class Decoder:
     formatted dict and JSON are cached by its raw bytes.
     """
 
-    def __init__(self, boot_to_wall_ns: int, reset_reasons: dict[int, str] | None = None) -> None:
+    def __init__(self, boot_to_wall_ns: int, reset_reasons: dict[int, str] | None = None,
+                 drop_reasons: dict[int, str] | None = None) -> None:
         self.boot_to_wall_ns = boot_to_wall_ns
         self.reset_reasons = reset_reasons or {}
+        self.drop_reasons = drop_reasons or {}
         self._addr_cache: dict[tuple[int, bytes], str] = {}
         self._task_cache: dict[tuple[bytes, int], tuple[dict, bytes]] = {}
         self._second = self._ms = -1
@@ -310,6 +316,24 @@ class Decoder:
         event.update(exit_status(code))
         event["runtime_ms"] = round(runtime_ns / 1e6, 3)
         return "exit"
+
+
+    def _fmt_drop(self, event: dict, f: tuple) -> str:
+        reason, protocol, ip_proto, location, skaddr, sk_cgroup_id, sk_ino, sk_uid, netns = f
+        if not ip_proto:  # the IP header was not read (not IP, or not set yet): no addresses
+            event.update(family=None, saddr=None, daddr=None)
+        if ip_proto not in PROTOCOLS:
+            event.update(sport=None, dport=None)
+        event["reason"] = drops.reason_name(self.drop_reasons, reason)
+        event["reason_code"] = reason
+        event["protocol"] = drops.protocol_label(protocol, ip_proto)
+        event["location"] = f"{location:#x}"
+        event["sk"] = f"{skaddr:#x}"
+        event["sk_cgroup_id"] = sk_cgroup_id
+        event["sk_ino"] = sk_ino
+        event["sk_uid"] = sk_uid if skaddr else None
+        event["netns_pkt"] = netns
+        return "drop"
 
 
 def exec_args(raw: bytes) -> str:

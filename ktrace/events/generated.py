@@ -15,6 +15,7 @@ KIND = {
     9: 'exec',
     10: 'fork',
     11: 'exit',
+    14: 'drop',
 }
 
 FAMILY = {
@@ -27,6 +28,7 @@ FAMILY = {
     6: 'dns_names',
     7: 'oom',
     8: 'process',
+    11: 'drops',
 }
 
 ATTRIBUTION = {
@@ -117,6 +119,56 @@ COUNTERS = Layout(
         Field('sampled_out', 16, 'Q', '__u64'),
         Field('ringbuf_full', 24, 'Q', '__u64'),
         Field('aggregated', 32, 'Q', '__u64'),
+    ),
+)
+
+DROP_EVENT = Layout(
+    'kt_drop_event',
+    184,
+    (
+        Field('hdr.ts_ns', 0, 'Q', '__u64'),
+        Field('hdr.kind', 8, 'H', '__u16'),
+        Field('hdr.size', 10, 'H', '__u16'),
+        Field('hdr.cpu', 12, 'I', '__u32'),
+        Field('task.cgroup_id', 16, 'Q', '__u64'),
+        Field('task.memcg_id', 24, 'Q', '__u64'),
+        Field('task.cap_effective', 32, 'Q', '__u64'),
+        Field('task.pid', 40, 'I', '__u32'),
+        Field('task.tgid', 44, 'I', '__u32'),
+        Field('task.ppid', 48, 'I', '__u32'),
+        Field('task.uid', 52, 'I', '__u32'),
+        Field('task.gid', 56, 'I', '__u32'),
+        Field('task.netns', 60, 'I', '__u32'),
+        Field('task.mntns', 64, 'I', '__u32'),
+        Field('task.pidns', 68, 'I', '__u32'),
+        Field('task.userns', 72, 'I', '__u32'),
+        Field('task.seccomp_mode', 76, 'I', '__u32'),
+        Field('task.comm', 80, '16s', '__u8[16]'),
+        Field('location', 96, 'Q', '__u64'),
+        Field('skaddr', 104, 'Q', '__u64'),
+        Field('sk_cgroup_id', 112, 'Q', '__u64'),
+        Field('sk_ino', 120, 'Q', '__u64'),
+        Field('saddr', 128, '16s', '__u8[16]'),
+        Field('daddr', 144, '16s', '__u8[16]'),
+        Field('reason', 160, 'I', '__u32'),
+        Field('sk_uid', 164, 'I', '__u32'),
+        Field('netns', 168, 'I', '__u32'),
+        Field('protocol', 172, 'H', '__u16'),
+        Field('sport', 174, 'H', '__u16'),
+        Field('dport', 176, 'H', '__u16'),
+        Field('family', 178, 'H', '__u16'),
+        Field('ip_proto', 180, 'B', '__u8'),
+        Field('attribution', 181, 'B', '__u8'),
+    ),
+)
+
+DROP_KEY = Layout(
+    'kt_drop_key',
+    8,
+    (
+        Field('reason', 0, 'I', '__u32'),
+        Field('protocol', 4, 'H', '__u16'),
+        Field('ip_proto', 6, 'B', '__u8'),
     ),
 )
 
@@ -483,4 +535,5 @@ LAYOUTS = {
     9: EXEC_EVENT,
     10: FORK_EVENT,
     11: EXIT_EVENT,
+    14: DROP_EVENT,
 }

@@ -20,7 +20,8 @@ from tests.unit.conftest import RECORDS, load_record
 def _decoder(fixture: dict, reasons: dict[int, str] | None = None) -> Decoder:
     if reasons is None:
         reasons = {int(k): v for k, v in fixture["reset_reasons"].items()}
-    return Decoder(fixture["boot_to_wall_offset_ns"], reasons)
+    drop_reasons = {int(k): v for k, v in fixture.get("drop_reasons", {}).items()}
+    return Decoder(fixture["boot_to_wall_offset_ns"], reasons, drop_reasons)
 
 
 def _event(decoder: Decoder, raw: bytes) -> dict:

@@ -35,7 +35,7 @@ def _build(summary: Summary, losses: dict | None = None) -> dict:
     return summary.build(meta={k: recorded[k] for k in META_KEYS},
                          losses=recorded["losses"]["by_family"] if losses is None else losses,
                          probes=recorded["probes"], files=recorded["files"], warnings=recorded["warnings"],
-                         udp_map=recorded["udp"]["kernel_map"],
+                         udp_map=recorded["udp"]["kernel_map"], drops_map=recorded["drops"]["kernel_map"],
                          process_counts={"threads_created": recorded["processes"]["threads_created"]})
 
 
@@ -51,8 +51,8 @@ def _socket_lines(sport: int, dport: int) -> list[dict]:
 def test_fixture_is_the_window_the_tests_describe():
     assert SERVER_PID != CLIENT_PID
     # exec events name the interpreter: the processes rename themselves after it
-    assert {e["comm"] for e in EVENTS if e["pid"] == SERVER_PID and e["type"] != "exec"} == {"kt-server"}
-    assert {e["comm"] for e in EVENTS if e["pid"] == CLIENT_PID and e["type"] != "exec"} == {"kt-client"}
+    assert {e["comm"] for e in EVENTS if e.get("pid") == SERVER_PID and e["type"] != "exec"} == {"kt-server"}
+    assert {e["comm"] for e in EVENTS if e.get("pid") == CLIENT_PID and e["type"] != "exec"} == {"kt-client"}
 
 
 # --- the whole window ---

@@ -24,6 +24,8 @@ enum kt_kind {
 	KT_KIND_UDP_FLOW = 5,
 	KT_KIND_DNS = 6,
 	KT_KIND_DNS_LOOKUP = 7,
+	KT_KIND_RUNQ_LATENCY = 12,
+	KT_KIND_BIO_LATENCY = 13,
 };
 
 /* Index of a probe family in the loss counters. */
@@ -35,7 +37,9 @@ enum kt_family {
 	KT_FAMILY_UDP = 4,
 	KT_FAMILY_DNS = 5,
 	KT_FAMILY_DNS_NAMES = 6,
-	KT_FAMILY_MAX = 7,
+	KT_FAMILY_SCHED = 9,
+	KT_FAMILY_BLOCKIO = 10,
+	KT_FAMILY_MAX = 12,
 };
 
 /* How the task block of an event was obtained. */

@@ -31,7 +31,13 @@ DEFAULT_MAP_SIZES = {
     "udp_flows": 16384,  # UDP flows counted in the kernel; idle ones are drained when it fills
     "lookups": 4096,  # threads inside a libc resolver call (dns_names)
     "udp_calls": 8192,  # send/receive syscalls in flight on UDP sockets (the syscall alternative of udp/dns)
+    "runq_queued": 16384,  # runnable tasks waiting for a CPU (sched)
+    "runq_hist": 4096,  # cgroups with a run-queue latency histogram (sched)
+    "bio_inflight": 8192,  # block requests between issue and completion (blockio)
+    "bio_hist": 1024,  # (disk, kind of request) pairs with a latency histogram (blockio)
 }
+SCHED_WARN_S = 0.010  # --sched-warn: a run-queue wait longer than this is an event
+BIO_WARN_S = 0.100  # --bio-warn: a block request slower than this is an event
 DNS_PORTS = (53,)
 MAX_DNS_PORTS = next(v for v, name in generated.UDP_SIZES.items() if name == "max_dns_ports")
 # Drain idle UDP flows from the kernel map once it is this full, so new flows still fit.
@@ -52,6 +58,8 @@ class CaptureConfig:
     self_tgid: int = field(default_factory=os.getpid)
     # alternatives (hook labels) treated as unavailable, so that a later one in their chain is used
     skip_hooks: frozenset[str] = frozenset()
+    sched_warn_ns: int = int(SCHED_WARN_S * 1e9)
+    bio_warn_ns: int = int(BIO_WARN_S * 1e9)
 
 
 class Capture:
@@ -75,6 +83,9 @@ class Capture:
             self._flows = objects["udp.bpf.o"].map("udp_flows")
             self._flows_inserted = objects["udp.bpf.o"].map("udp_flows_inserted")
         self._flows_deleted = 0
+        self._latency = objects.get("latency.bpf.o")
+        if self._latency is not None:
+            self._add_overflow_entries(self._latency)
 
     def _on_record(self, data: int, size: int) -> int:
         self.pending.append(ctypes.string_at(data, size))
@@ -134,6 +145,32 @@ class Capture:
         if self.flows_fill() < FLOW_DRAIN_FILL:
             return []
         return self.flows(idle_before_ns=now_ns - FLOW_IDLE_NS)
+
+    @staticmethod
+    def _add_overflow_entries(obj: libbpf.BpfObject) -> None:
+        """The all-zero key of each latency histogram map, where waits go once the map is full."""
+        for name in ("runq_hist", "bio_hist"):
+            m = obj.map(name)
+            stride = (m.value_size + 7) & ~7
+            m.update(bytes(m.key_size), bytes(stride * libbpf.possible_cpus()))
+
+    def latency_histograms(self) -> dict[str, list[tuple[bytes, list[bytes]]]]:
+        """The kernel's run-queue and block I/O histograms: map name → [(key, one value per CPU)]."""
+        out: dict[str, list[tuple[bytes, list[bytes]]]] = {"runq_hist": [], "bio_hist": []}
+        if self._latency is None:
+            return out
+        for name in out:
+            m = self._latency.map(name)
+            out[name] = [(key, m.lookup_percpu(key)) for key in list(m.keys())]
+        return out
+
+    def latency_losses(self) -> dict[str, int]:
+        """Losses of the latency families the per-family counters do not tell apart (enum kt_latency_loss)."""
+        if self._latency is None:
+            return {}
+        m = self._latency.map("lat_losses")
+        return {name: sum(int.from_bytes(v[:8], "little") for v in m.lookup_percpu(index.to_bytes(4, "little")))
+                for index, name in generated.LATENCY_LOSS.items()}
 
     def detach(self) -> None:
         for link in self.links:
@@ -205,6 +242,8 @@ def _configure(obj: libbpf.BpfObject, config: CaptureConfig, shared: dict[str, i
         "kt_want_dns": "dns" in config.families,
         "kt_dns_only": config.dns_only,
         "kt_dns_ports": b"".join(p.to_bytes(2, "little") for p in config.dns_ports).ljust(2 * MAX_DNS_PORTS, b"\0"),
+        "kt_sched_warn_ns": config.sched_warn_ns,
+        "kt_bio_warn_ns": config.bio_warn_ns,
     }
     present = obj.rodata_variables()
     settings.update({name: value if isinstance(value, bytes) else int(value)

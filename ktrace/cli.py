@@ -182,6 +182,13 @@ def cli() -> None:
                    "(uprobes on getaddrinfo and gethostbyname* in glibc and musl). The names go into the bundle. "
                    "Resolvers that bypass libc are not covered: Go programs, statically linked binaries, dig, "
                    "nslookup.")
+@click.option("--sched-warn", type=Duration(), default="10ms", show_default=True,
+              help="A run-queue wait longer than this is recorded as a runq_latency event (every wait is counted "
+                   "in the kernel's per-cgroup histogram); a cgroup whose p99 is over it is a finding.")
+@click.option("--bio-warn", type=Duration(), default="100ms", show_default=True,
+              help="A block request slower than this from issue to completion is recorded as a bio_latency event "
+                   "(every request is counted in the kernel's per-disk histogram); a disk whose p99 is over it is "
+                   "a finding.")
 @click.option("--ring-size", type=Size(), default="8M", show_default=True,
               help="Ring buffer size (a power of two).")
 @click.option("--ready-file", type=click.Path(path_type=Path), default=None,
@@ -191,8 +198,8 @@ def cli() -> None:
 def snapshot(duration: float, out_dir: Path, node: str | None, ports: tuple[int, ...] | None, dns_only: bool,
              dns_ports: tuple[int, ...], dns_timeout: float, udp_flows: int, sample: int, max_events: int | None,
              max_bytes: int | None, families: tuple[str, ...] | None, skip_hooks: tuple[tuple[str, ...], ...],
-             with_connect_latency: bool, with_dns_names: bool, ring_size: int, ready_file: Path | None, verbose: int,
-             quiet: bool) -> int:
+             with_connect_latency: bool, with_dns_names: bool, sched_warn: float, bio_warn: float, ring_size: int,
+             ready_file: Path | None, verbose: int, quiet: bool) -> int:
     """Record TCP, UDP and DNS activity for a fixed window and write a bundle.
 
     \b
@@ -230,7 +237,7 @@ def snapshot(duration: float, out_dir: Path, node: str | None, ports: tuple[int,
                            dns_ports=dns_ports, dns_only=dns_only, dns_timeout_s=dns_timeout, udp_flows=udp_flows,
                            sample=sample, max_events=max_events, max_bytes=max_bytes, families=selected,
                            ring_bytes=ring, skip_hooks=frozenset(label for labels in skip_hooks for label in labels),
-                           quiet=quiet, ready_file=ready_file)
+                           sched_warn_s=sched_warn, bio_warn_s=bio_warn, quiet=quiet, ready_file=ready_file)
     result = run(opts)
     if not quiet:
         s = result.summary

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections import Counter
 
 from ktrace.analyze.dns import DnsAnalysis
+from ktrace.analyze.latency import LatencyAnalysis
 from ktrace.analyze.lookups import LookupAnalysis
 from ktrace.analyze.tcp import TcpAnalysis
 from ktrace.analyze.udp import UdpAnalysis
@@ -22,6 +23,7 @@ class Summary:
         self.udp = UdpAnalysis()
         self.dns = DnsAnalysis()
         self.lookups = LookupAnalysis()
+        self.latency = LatencyAnalysis()
 
     def add(self, event: dict, line: int | None) -> None:
         self.counts[event["type"]] += 1
@@ -29,12 +31,19 @@ class Summary:
         self.udp.add(event, line)
         self.dns.add(event, line)
         self.lookups.add(event, line)
+        self.latency.add(event, line)
 
     def build(self, *, meta: dict, losses: dict[str, dict[str, int]], probes: list[dict], files: dict,
-              warnings: list[str], udp_map: dict | None = None) -> dict:
-        """udp_map: the kernel flow map's size and use, when the udp family ran (not known offline)."""
-        findings = (self.dns.findings(meta.get("options", {}).get("dns_timeout_s")) + self.lookups.findings()
-                    + self.tcp.findings())
+              warnings: list[str], udp_map: dict | None = None, latency_losses: dict | None = None) -> dict:
+        """udp_map: the kernel flow map's size and use, when the udp family ran (not known offline).
+        latency_losses: the sched and blockio losses counted in the kernel apart from the family counters."""
+        options = meta.get("options", {})
+        sched_warn, bio_warn = options.get("sched_warn_ms"), options.get("bio_warn_ms")
+        findings = (self.dns.findings(options.get("dns_timeout_s")) + self.lookups.findings()
+                    + self.tcp.findings() + self.latency.sched_findings(sched_warn)
+                    + self.latency.blockio_findings(bio_warn))
+        losses_of = (lambda prefix: None if latency_losses is None else  # noqa: E731
+                     {k.removeprefix(prefix): v for k, v in latency_losses.items() if k.startswith(prefix)})
         total = {kind: sum(f.get(kind, 0) for f in losses.values())
                  for kind in ("seen", "written", "aggregated", *LOSS_KINDS)}
         unaccounted = sum(abs(f["seen"] - f["written"] - sum(f[k] for k in LOSS_KINDS)) for f in losses.values())
@@ -59,6 +68,8 @@ class Summary:
             "dns": self.dns.summary(),
             "dns_suspects": self.dns.suspects(),
             "dns_lookups": self.lookups.summary(),
+            "sched": self.latency.sched_summary(sched_warn, losses_of("runq_")),
+            "blockio": self.latency.blockio_summary(bio_warn, losses_of("bio_")),
             "findings": findings,
             "files": files,
             "warnings": warnings,

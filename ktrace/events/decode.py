@@ -63,6 +63,8 @@ KIND_FIELDS = {
     "udp_flow": ("direction", "netns", "packets", "bytes", "errors", "last_error", "last_ns"),
     "dns": ("skaddr", "netns", "protocol", "message", "role", "ret"),
     "dns_lookup": ("function", "name", "family", "ret", "h_errno", "latency_ns"),
+    "runq_latency": ("wait_ns", "prev_pid", "prev_tgid", "prev_comm"),
+    "bio_latency": ("latency_ns", "sector", "dev", "bytes", "error", "op"),
 }
 # The event types a kind decodes to, where they are not just the kind's name.
 TYPES_OF_KIND = {"dns": ("dns_query", "dns_reply")}
@@ -70,6 +72,7 @@ TYPES_OF_KIND = {"dns": ("dns_query", "dns_reply")}
 FAMILY_OF_TYPE = {
     "tcp_state": "tcp_state", "connect": "connect", "retransmit": "retransmit", "reset": "reset",
     "udp_flow": "udp", "dns_query": "dns", "dns_reply": "dns", "dns_lookup": "dns_names",
+    "runq_histogram": "sched", "runq_latency": "sched", "bio_histogram": "blockio", "bio_latency": "blockio",
 }
 _TASK_BLOCK = slice(16, 96)  # struct kt_task inside every record, after struct kt_hdr
 
@@ -79,6 +82,10 @@ def family_and_weight(event: dict) -> tuple[str | None, int]:
     kind = event["type"]
     if kind == "udp_flow":
         return "udp", event["packets"] + event["errors"]
+    if kind in ("runq_histogram", "bio_histogram"):  # every wait the kernel counted into it
+        return FAMILY_OF_TYPE[kind], event["count"]
+    if kind in ("runq_latency", "bio_latency"):  # an outlier: also a sample of its histogram
+        return FAMILY_OF_TYPE[kind], 0
     return FAMILY_OF_TYPE.get(kind), 1
 
 
@@ -265,6 +272,24 @@ class Decoder:
         event["ret"] = ret
         event["latency_ms"] = round(latency_ns / 1e6, 3)
         return "dns_lookup"
+
+    def _fmt_runq_latency(self, event: dict, f: tuple) -> str:
+        wait_ns, prev_pid, prev_tgid, prev_comm = f
+        event["wait_ms"] = round(wait_ns / 1e6, 3)
+        event["prev_pid"] = prev_tgid
+        event["prev_tid"] = prev_pid
+        event["prev_comm"] = _comm(prev_comm)
+        return "runq_latency"
+
+    def _fmt_bio_latency(self, event: dict, f: tuple) -> str:
+        latency_ns, sector, dev, nbytes, error, op = f
+        event["latency_ms"] = round(latency_ns / 1e6, 3)
+        event["dev"] = f"{dev >> 20}:{dev & 0xFFFFF}"
+        event["op"] = generated.BIO_OP.get(op, str(op))
+        event["sector"] = sector
+        event["bytes"] = nbytes
+        event["error"] = error
+        return "bio_latency"
 
 
 def lookup_result(function: str, ret: int, h_errno: int) -> str:

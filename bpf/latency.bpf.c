@@ -61,8 +61,10 @@ struct {
 /*
  * Thread id → when it was queued (bpf_ktime_get_ns). Inserted when a task is
  * woken or preempted, deleted when it runs, so it holds the runnable tasks of
- * the node. A hash of fixed size rather than task storage: the same cost here
- * (see README, "Cost"), a reported size, and it works on every alternative.
+ * the node. A hash of fixed size rather than task storage: task storage was
+ * measured 40-80 ns cheaper per wakeup here (README, "Cost"), but it grows
+ * with the node's tasks instead of having a reported size, needs v5.11 and
+ * works only with the BTF pointers of tp_btf, not on the raw_tp alternative.
  */
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);

@@ -164,13 +164,19 @@ class Capture:
             out[name] = [(key, m.lookup_percpu(key)) for key in list(m.keys())]
         return out
 
-    def latency_losses(self) -> dict[str, int]:
-        """Losses of the latency families the per-family counters do not tell apart (enum kt_latency_loss)."""
+    def latency_losses(self) -> dict[str, dict[str, int] | None]:
+        """Losses of the latency families that the per-family counters do not tell apart (enum kt_latency_loss),
+        per summary section: {"sched": {"queued_full": n, "outlier": n}, "blockio": {...}}."""
+        out: dict[str, dict[str, int] | None] = {"sched": None, "blockio": None}
         if self._latency is None:
-            return {}
+            return out
         m = self._latency.map("lat_losses")
-        return {name: sum(int.from_bytes(v[:8], "little") for v in m.lookup_percpu(index.to_bytes(4, "little")))
-                for index, name in generated.LATENCY_LOSS.items()}
+        for index, name in generated.LATENCY_LOSS.items():
+            count = sum(int.from_bytes(v[:8], "little") for v in m.lookup_percpu(index.to_bytes(4, "little")))
+            section, _, loss = name.partition("_")
+            section = "sched" if section == "runq" else "blockio"
+            out[section] = {**(out[section] or {}), loss: count}
+        return out
 
     def detach(self) -> None:
         for link in self.links:

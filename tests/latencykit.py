@@ -14,15 +14,15 @@ from pathlib import Path
 
 V1_MEMORY = Path("/sys/fs/cgroup/memory")
 
-# A process that moves itself into a cgroup, pins itself to one CPU, names itself, then spins or
+# A process that names itself, pins itself to one CPU, moves itself into a cgroup, then spins or
 # alternates spinning with short sleeps (so it is both woken and preempted).
 LOAD = """
 import ctypes, os, sys, time
 procs, cpu, name, mode, seconds = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4], float(sys.argv[5])
-with open(procs, "w") as f:
-    f.write(str(os.getpid()))
-os.sched_setaffinity(0, {cpu})
 ctypes.CDLL(None).prctl(15, name.encode(), 0, 0, 0)
+os.sched_setaffinity(0, {cpu})
+with open(procs, "w") as f:  # last: every wait the cgroup has is under the name, on the CPU
+    f.write(str(os.getpid()))
 end = time.monotonic() + seconds
 while time.monotonic() < end:
     if mode == "victim":

@@ -36,14 +36,14 @@ class Summary:
     def build(self, *, meta: dict, losses: dict[str, dict[str, int]], probes: list[dict], files: dict,
               warnings: list[str], udp_map: dict | None = None, latency_losses: dict | None = None) -> dict:
         """udp_map: the kernel flow map's size and use, when the udp family ran (not known offline).
-        latency_losses: the sched and blockio losses counted in the kernel apart from the family counters."""
+        latency_losses: per section (sched, blockio), the losses counted in the kernel apart from the family
+        counters (not known offline)."""
         options = meta.get("options", {})
         sched_warn, bio_warn = options.get("sched_warn_ms"), options.get("bio_warn_ms")
         findings = (self.dns.findings(options.get("dns_timeout_s")) + self.lookups.findings()
                     + self.tcp.findings() + self.latency.sched_findings(sched_warn)
                     + self.latency.blockio_findings(bio_warn))
-        losses_of = (lambda prefix: None if latency_losses is None else  # noqa: E731
-                     {k.removeprefix(prefix): v for k, v in latency_losses.items() if k.startswith(prefix)})
+        latency_losses = latency_losses or {}
         total = {kind: sum(f.get(kind, 0) for f in losses.values())
                  for kind in ("seen", "written", "aggregated", *LOSS_KINDS)}
         unaccounted = sum(abs(f["seen"] - f["written"] - sum(f[k] for k in LOSS_KINDS)) for f in losses.values())
@@ -68,8 +68,8 @@ class Summary:
             "dns": self.dns.summary(),
             "dns_suspects": self.dns.suspects(),
             "dns_lookups": self.lookups.summary(),
-            "sched": self.latency.sched_summary(sched_warn, losses_of("runq_")),
-            "blockio": self.latency.blockio_summary(bio_warn, losses_of("bio_")),
+            "sched": self.latency.sched_summary(sched_warn, latency_losses.get("sched")),
+            "blockio": self.latency.blockio_summary(bio_warn, latency_losses.get("blockio")),
             "findings": findings,
             "files": files,
             "warnings": warnings,

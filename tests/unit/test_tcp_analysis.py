@@ -35,7 +35,8 @@ def _build(summary: Summary, losses: dict | None = None) -> dict:
     return summary.build(meta={k: recorded[k] for k in META_KEYS},
                          losses=recorded["losses"]["by_family"] if losses is None else losses,
                          probes=recorded["probes"], files=recorded["files"], warnings=recorded["warnings"],
-                         udp_map=recorded["udp"]["kernel_map"])
+                         udp_map=recorded["udp"]["kernel_map"],
+                         latency_losses={s: recorded[s]["kernel_losses"] for s in ("sched", "blockio")})
 
 
 def _rules(findings: list[dict]) -> list[str]:
@@ -49,8 +50,8 @@ def _socket_lines(sport: int, dport: int) -> list[dict]:
 
 def test_fixture_is_the_window_the_tests_describe():
     assert SERVER_PID != CLIENT_PID
-    assert {e["comm"] for e in EVENTS if e["pid"] == SERVER_PID} == {"kt-server"}
-    assert {e["comm"] for e in EVENTS if e["pid"] == CLIENT_PID} == {"kt-client"}
+    assert {e["comm"] for e in EVENTS if e.get("pid") == SERVER_PID} == {"kt-server"}
+    assert {e["comm"] for e in EVENTS if e.get("pid") == CLIENT_PID} == {"kt-client"}
 
 
 # --- the whole window ---

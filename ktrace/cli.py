@@ -153,7 +153,7 @@ def cli() -> None:
               help="Only flows with one of these ports (comma-separated), filtered in the kernel.")
 @click.option("--dns-only", is_flag=True,
               help="Only DNS: DNS messages, and TCP and UDP flows on --dns-ports. The rest is filtered in the kernel "
-                   "and counted.")
+                   "and counted; sched and blockio are left out unless --probes names them.")
 @click.option("--dns-ports", type=PortList(limit=capture.MAX_DNS_PORTS), default="53", show_default=True,
               help=f"Ports whose traffic is DNS (comma-separated, at most {capture.MAX_DNS_PORTS}).")
 @click.option("--dns-timeout", type=Duration(), default="2s", show_default=True,
@@ -231,6 +231,8 @@ def snapshot(duration: float, out_dir: Path, node: str | None, ports: tuple[int,
         raise click.BadParameter("--dns-only filters on --dns-ports; leave --ports out", param_hint="--ports")
     if dns_only:
         selected += tuple(f for f in ("dns", "udp_peers") if f not in selected)
+        if not families:  # only DNS: the latency families stay out unless --probes names them
+            selected = tuple(f for f in selected if f not in ("sched", "blockio"))
     if with_dns_names and "dns_names" not in selected:
         selected += ("dns_names",)
     opts = SnapshotOptions(duration_s=duration, out_dir=out_dir, node=node or "", ports=ports or (),

@@ -50,10 +50,13 @@ static const struct kt_bio_hist kt_zero_bio_hist = {};
  * Run-queue waits per cgroup. Inserted by the first wait of a cgroup; read at
  * the end of the window. When it is full, waits of new cgroups go to the
  * entry of key {0, 0}, which user space inserts before the window starts.
+ * Not preallocated: 272 bytes per CPU per entry would be megabytes on a large
+ * node for cgroups that never show up; an entry is allocated once per cgroup.
  */
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_HASH);
 	__uint(max_entries, 4096);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
 	__type(key, struct kt_runq_key);
 	__type(value, struct kt_hist);
 } runq_hist SEC(".maps");
@@ -101,6 +104,7 @@ struct {
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_HASH);
 	__uint(max_entries, 1024);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
 	__type(key, struct kt_bio_key);
 	__type(value, struct kt_bio_hist);
 } bio_hist SEC(".maps");

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 
+import pytest
+
 from ktrace import schemas
 from tests.helpers import record_during
 from tests.latencykit import LoopDevice, MemoryCgroup, contend
@@ -13,11 +15,22 @@ def _runq_of(bundle, cgroup: MemoryCgroup) -> list[dict]:
     return [h for h in bundle.of_type("runq_histogram") if h["memcg_id"] == cgroup.id]
 
 
-def test_tasks_queued_behind_cpu_hogs_show_long_waits_in_their_cgroup(tmp_path):
+SCHED_HOOKS = ("tp_btf/sched_{wakeup,wakeup_new,switch}", "raw_tp/sched_{wakeup,wakeup_new,switch}")
+BLOCKIO_HOOKS = ("tp_btf/block_rq_{issue,complete}", "raw_tp/block_rq_{issue,complete}")
+
+
+def _chosen(bundle, family: str) -> str:
+    return next(row["chosen"] for row in bundle.summary["probes"] if row["family"] == family)
+
+
+@pytest.mark.parametrize("hook", SCHED_HOOKS)
+def test_tasks_queued_behind_cpu_hogs_show_long_waits_in_their_cgroup(tmp_path, hook):
+    skip = [f"--skip-hook={h}" for h in SCHED_HOOKS[:SCHED_HOOKS.index(hook)]]
     with MemoryCgroup() as cgroup:
         victim = {}
         bundle = record_during(tmp_path, lambda: victim.update(pid=contend(cgroup, hogs=2)),
-                               "--probes=sched", "--sched-warn=5ms")
+                               "--probes=sched", "--sched-warn=5ms", *skip)
+    assert _chosen(bundle, "sched") == hook
     hist = _runq_of(bundle, cgroup)
     assert len(hist) == 1, hist
     assert hist[0]["cgroup_hierarchy"] == "memory" and hist[0]["cgroup"] == cgroup.id
@@ -58,12 +71,15 @@ def test_a_task_alone_on_its_cpu_has_no_outliers(tmp_path):
                 and f["subject"]["cgroup"] == cgroup.id]
 
 
-def test_direct_io_on_a_loop_device_is_one_histogram_sample_per_request(tmp_path):
+@pytest.mark.parametrize("hook", BLOCKIO_HOOKS)
+def test_direct_io_on_a_loop_device_is_one_histogram_sample_per_request(tmp_path, hook):
     writes, reads = 16, 24
+    skip = [f"--skip-hook={h}" for h in BLOCKIO_HOOKS[:BLOCKIO_HOOKS.index(hook)]]
     with LoopDevice(tmp_path) as loop:
         dev, name = loop.dev, loop.name
         bundle = record_during(tmp_path, lambda: loop.direct_io(writes, 65536, reads, 4096),
-                               "--probes=blockio", "--bio-warn=0.000001")
+                               "--probes=blockio", "--bio-warn=0.000001", *skip)
+    assert _chosen(bundle, "blockio") == hook
     assert not os.path.exists(tmp_path / "kt-loop.img")
     hists = {h["op"]: h for h in bundle.of_type("bio_histogram") if h["dev"] == dev}
     assert hists["write"]["disk"] == name and hists["write"]["count"] == writes

@@ -50,6 +50,7 @@ KTRACE_OK = (0, 3)  # success, degraded (some probe family not attached): the bu
 
 ALONE, KTRACE, TCPSTATES_CFG = "alone", "ktrace", "tcpstates"
 KTRACE_SYSCALLS = "ktrace-syscalls"
+KTRACE_NO_SCHED = "ktrace-no-sched"
 SOCK_LENGTH = ("tp_btf/sock_{send,recv}_length", "tracepoint/sock/sock_{send,recv}_length")
 
 
@@ -270,6 +271,14 @@ def run_ktrace_syscalls(kind: str, n: int, rep: int, wl: list[str], pin: Pinning
     return run_ktrace(kind, n, rep, wl, pin, tmp, KTRACE_SYSCALLS, [f"--skip-hook={hook}" for hook in SOCK_LENGTH])
 
 
+def run_ktrace_no_sched(kind: str, n: int, rep: int, wl: list[str], pin: Pinning, tmp: Path) -> Run:
+    """ktrace with its default families less sched, whose hooks run on every context switch of the node."""
+    from ktrace import probes
+
+    families = ",".join(f.name for f in probes.FAMILIES if f.default and f.name != "sched")
+    return run_ktrace(kind, n, rep, wl, pin, tmp, KTRACE_NO_SCHED, [f"--probes={families}"])
+
+
 Runner = Callable[[str, int, int, list[str], Pinning, Path], Run]
 
 
@@ -278,7 +287,10 @@ def configs(kind: str) -> dict[str, Runner]:
     if kind == "udp":
         # tcpstates traces no UDP; the comparison that matters is ktrace's own fallback
         found[KTRACE_SYSCALLS] = run_ktrace_syscalls
-    elif TCPSTATES.exists():
+        return found
+    # the TCP churn switches contexts on every round trip: what sched's hooks cost shows here
+    found[KTRACE_NO_SCHED] = run_ktrace_no_sched
+    if TCPSTATES.exists():
         found[TCPSTATES_CFG] = run_tcpstates
     else:
         print(f"note: {TCPSTATES} not found, skipping the tcpstates config", file=sys.stderr)
@@ -385,6 +397,13 @@ def report(kind: str, n: int, runs: list[Run]) -> dict[str, object]:
         summary["syscalls_vs_sock_length"] = statistics.median(vs)
         print(
             f"ktrace on the syscall tracepoints / on sock_*_length (per rep, median): {statistics.median(vs):.3f} "
+            f"({min(vs):.3f}–{max(vs):.3f})"
+        )
+    if KTRACE_NO_SCHED in names:
+        vs = per_rep_ratios(runs, KTRACE, KTRACE_NO_SCHED)
+        summary["with_vs_without_sched"] = statistics.median(vs)
+        print(
+            f"ktrace with sched / without sched (per rep, median): {statistics.median(vs):.3f} "
             f"({min(vs):.3f}–{max(vs):.3f})"
         )
     print(

@@ -29,6 +29,8 @@ enum kt_kind {
 	KT_KIND_FORK = 10,
 	KT_KIND_EXIT = 11,
 	KT_KIND_DROP = 14,
+	KT_KIND_RUNQ_LATENCY = 12,
+	KT_KIND_BIO_LATENCY = 13,
 };
 
 /* Index of a probe family in the loss counters. */
@@ -43,6 +45,8 @@ enum kt_family {
 	KT_FAMILY_OOM = 7,
 	KT_FAMILY_PROCESS = 8,
 	KT_FAMILY_DROPS = 11,
+	KT_FAMILY_SCHED = 9,
+	KT_FAMILY_BLOCKIO = 10,
 	KT_FAMILY_MAX = 12,
 };
 

@@ -33,8 +33,11 @@ ENUMS = {
     "kt_lookup_function": "KT_LOOKUP_",
     "kt_oom_source": "KT_OOM_",
     "kt_proc_counter": "KT_PROC_",
+    "kt_latency_sizes": "KT_",
+    "kt_bio_op": "KT_BIO_",
+    "kt_latency_loss": "KT_LOSS_",
 }
-STRUCTS_ALSO = ("kt_counters", "kt_udp_flow_key", "kt_drop_key")
+STRUCTS_ALSO = ("kt_counters", "kt_udp_flow_key", "kt_drop_key", "kt_hist", "kt_runq_key", "kt_bio_key", "kt_bio_hist")
 
 
 def sha256(path: Path) -> str:
@@ -105,9 +108,13 @@ def _fields(btf: libbpf.Btf, tid: int, prefix: str, base: int) -> list[tuple[str
         elif m.kind == libbpf.BTF_KIND_ARRAY:
             elem_id, n = m.array
             elem = _strip(btf, elem_id)
-            if elem.kind != libbpf.BTF_KIND_INT or elem.size != 1:
-                raise LayoutError(f"{t.name}.{name}: only byte arrays are supported")
-            out.append((full, offset, f"{n}s", f"{btf.type(elem_id).name}[{n}]"))
+            if elem.kind != libbpf.BTF_KIND_INT:
+                raise LayoutError(f"{t.name}.{name}: only arrays of integers are supported")
+            if elem.size == 1:
+                out.append((full, offset, f"{n}s", f"{btf.type(elem_id).name}[{n}]"))
+            else:  # one field per element: "slots[0]", "slots[1]", ... (histograms)
+                code = _int_code(elem.size, elem.signed)
+                out += [(f"{full}[{i}]", offset + i * elem.size, code, btf.type(elem_id).name) for i in range(n)]
         else:
             raise LayoutError(f"{t.name}.{name}: unsupported member kind {m.kind}")
     return out

@@ -33,7 +33,13 @@ DEFAULT_MAP_SIZES = {
     "udp_calls": 8192,  # send/receive syscalls in flight on UDP sockets (the syscall alternative of udp/dns)
     "proc_counts": len(generated.PROC_COUNTER),  # per-CPU counters of the process family (new threads)
     "drop_counts": 4096,  # (drop reason, ethertype, IP protocol) keys counted in the kernel (drops)
+    "runq_queued": 16384,  # runnable tasks waiting for a CPU (sched)
+    "runq_hist": 4096,  # cgroups with a run-queue latency histogram (sched)
+    "bio_inflight": 8192,  # block requests between issue and completion (blockio)
+    "bio_hist": 1024,  # (disk, kind of request) pairs with a latency histogram (blockio)
 }
+SCHED_WARN_S = 0.010  # --sched-warn: a run-queue wait longer than this is an event
+BIO_WARN_S = 0.100  # --bio-warn: a block request slower than this is an event
 DNS_PORTS = (53,)
 MAX_DNS_PORTS = next(v for v, name in generated.UDP_SIZES.items() if name == "max_dns_ports")
 # Drain idle UDP flows from the kernel map once it is this full, so new flows still fit.
@@ -55,6 +61,8 @@ class CaptureConfig:
     # alternatives (hook labels) treated as unavailable, so that a later one in their chain is used
     skip_hooks: frozenset[str] = frozenset()
     with_args: bool = False  # --with-args: exec events carry argv (arguments hold secrets)
+    sched_warn_ns: int = int(SCHED_WARN_S * 1e9)
+    bio_warn_ns: int = int(BIO_WARN_S * 1e9)
 
 
 class Capture:
@@ -79,6 +87,9 @@ class Capture:
             self._flows_inserted = objects["udp.bpf.o"].map("udp_flows_inserted")
         self._flows_deleted = 0
         self._drop_counts = objects["drops.bpf.o"].map("drop_counts") if "drops.bpf.o" in objects else None
+        self._latency = objects.get("latency.bpf.o")
+        if self._latency is not None:
+            self._add_overflow_entries(self._latency)
 
     def _on_record(self, data: int, size: int) -> int:
         self.pending.append(ctypes.string_at(data, size))
@@ -162,6 +173,38 @@ class Capture:
     def drop_counts_size(self) -> int:
         return self._drop_counts.max_entries if self._drop_counts is not None else 0
 
+    @staticmethod
+    def _add_overflow_entries(obj: libbpf.BpfObject) -> None:
+        """The all-zero key of each latency histogram map, where waits go once the map is full."""
+        for name in ("runq_hist", "bio_hist"):
+            m = obj.map(name)
+            stride = (m.value_size + 7) & ~7
+            m.update(bytes(m.key_size), bytes(stride * libbpf.possible_cpus()))
+
+    def latency_histograms(self) -> dict[str, list[tuple[bytes, list[bytes]]]]:
+        """The kernel's run-queue and block I/O histograms: map name → [(key, one value per CPU)]."""
+        out: dict[str, list[tuple[bytes, list[bytes]]]] = {"runq_hist": [], "bio_hist": []}
+        if self._latency is None:
+            return out
+        for name in out:
+            m = self._latency.map(name)
+            out[name] = [(key, m.lookup_percpu(key)) for key in list(m.keys())]
+        return out
+
+    def latency_losses(self) -> dict[str, dict[str, int] | None]:
+        """Losses of the latency families that the per-family counters do not tell apart (enum kt_latency_loss),
+        per summary section: {"sched": {"queued_full": n, "outlier": n}, "blockio": {...}}."""
+        out: dict[str, dict[str, int] | None] = {"sched": None, "blockio": None}
+        if self._latency is None:
+            return out
+        m = self._latency.map("lat_losses")
+        for index, name in generated.LATENCY_LOSS.items():
+            count = sum(int.from_bytes(v[:8], "little") for v in m.lookup_percpu(index.to_bytes(4, "little")))
+            section, _, loss = name.partition("_")
+            section = "sched" if section == "runq" else "blockio"
+            out[section] = {**(out[section] or {}), loss: count}
+        return out
+
     def detach(self) -> None:
         for link in self.links:
             link.destroy()
@@ -234,6 +277,8 @@ def _configure(obj: libbpf.BpfObject, config: CaptureConfig, shared: dict[str, i
         "kt_dns_ports": b"".join(p.to_bytes(2, "little") for p in config.dns_ports).ljust(2 * MAX_DNS_PORTS, b"\0"),
         "kt_with_args": config.with_args,
         "kt_page_shift": (os.sysconf("SC_PAGE_SIZE") - 1).bit_length(),
+        "kt_sched_warn_ns": config.sched_warn_ns,
+        "kt_bio_warn_ns": config.bio_warn_ns,
     }
     present = obj.rodata_variables()
     settings.update({name: value if isinstance(value, bytes) else int(value)

@@ -154,7 +154,7 @@ def cli() -> None:
                    "packets on them are also recorded one by one (all drops are counted either way).")
 @click.option("--dns-only", is_flag=True,
               help="Only DNS: DNS messages, and TCP and UDP flows on --dns-ports. The rest is filtered in the kernel "
-                   "and counted. Process and OOM events are left out unless --probes names them.")
+                   "and counted. Process, OOM, sched and blockio are left out unless --probes names them.")
 @click.option("--dns-ports", type=PortList(limit=capture.MAX_DNS_PORTS), default="53", show_default=True,
               help=f"Ports whose traffic is DNS (comma-separated, at most {capture.MAX_DNS_PORTS}).")
 @click.option("--dns-timeout", type=Duration(), default="2s", show_default=True,
@@ -186,6 +186,13 @@ def cli() -> None:
 @click.option("--with-args", is_flag=True,
               help="Also record the arguments of every exec (the first 256 bytes of argv). Off by default: "
                    "command lines hold passwords and tokens, and they go into the bundle.")
+@click.option("--sched-warn", type=Duration(), default="10ms", show_default=True,
+              help="A run-queue wait longer than this is recorded as a runq_latency event (every wait is counted "
+                   "in the kernel's per-cgroup histogram); a cgroup whose p99 is over it is a finding.")
+@click.option("--bio-warn", type=Duration(), default="100ms", show_default=True,
+              help="A block request slower than this from issue to completion is recorded as a bio_latency event "
+                   "(every request is counted in the kernel's per-disk histogram); a disk whose p99 is over it is "
+                   "a finding.")
 @click.option("--ring-size", type=Size(), default="8M", show_default=True,
               help="Ring buffer size (a power of two).")
 @click.option("--ready-file", type=click.Path(path_type=Path), default=None,
@@ -195,9 +202,10 @@ def cli() -> None:
 def snapshot(duration: float, out_dir: Path, node: str | None, ports: tuple[int, ...] | None, dns_only: bool,
              dns_ports: tuple[int, ...], dns_timeout: float, udp_flows: int, sample: int, max_events: int | None,
              max_bytes: int | None, families: tuple[str, ...] | None, skip_hooks: tuple[tuple[str, ...], ...],
-             with_connect_latency: bool, with_dns_names: bool, with_args: bool, ring_size: int,
-             ready_file: Path | None, verbose: int, quiet: bool) -> int:
-    """Record TCP, UDP, DNS, process and OOM activity for a fixed window and write a bundle.
+             with_connect_latency: bool, with_dns_names: bool, with_args: bool, sched_warn: float, bio_warn: float,
+             ring_size: int, ready_file: Path | None, verbose: int, quiet: bool) -> int:
+    """Record TCP, UDP, DNS, process, OOM, scheduler, disk and packet-drop activity for a fixed window and write
+    a bundle.
 
     \b
     Writes four files to --out-dir:
@@ -229,14 +237,15 @@ def snapshot(duration: float, out_dir: Path, node: str | None, ports: tuple[int,
     if dns_only:
         selected += tuple(f for f in ("dns", "udp_peers") if f not in selected)
         if not families:  # only DNS: the families that are not about the network stay out unless named
-            selected = tuple(f for f in selected if f not in ("oom", "process"))
+            selected = tuple(f for f in selected if f not in ("oom", "process", "sched", "blockio"))
     if with_dns_names and "dns_names" not in selected:
         selected += ("dns_names",)
     opts = SnapshotOptions(duration_s=duration, out_dir=out_dir, node=node or "", ports=ports or (),
                            dns_ports=dns_ports, dns_only=dns_only, dns_timeout_s=dns_timeout, udp_flows=udp_flows,
                            sample=sample, max_events=max_events, max_bytes=max_bytes, families=selected,
                            ring_bytes=ring, skip_hooks=frozenset(label for labels in skip_hooks for label in labels),
-                           quiet=quiet, ready_file=ready_file, with_args=with_args)
+                           quiet=quiet, ready_file=ready_file, with_args=with_args, sched_warn_s=sched_warn,
+                           bio_warn_s=bio_warn)
     result = run(opts)
     if not quiet:
         s = result.summary

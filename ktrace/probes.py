@@ -383,6 +383,34 @@ FAMILIES: tuple[Family, ...] = (
                                   "arrived in Linux 5.17)")), "5.17"),
         ),
     ),
+    Family(
+        "sched",
+        "latency.bpf.o",
+        description="run-queue latency: a histogram per cgroup counted in the kernel, an event per wait over "
+                    "--sched-warn",
+        chain=(
+            Hook("tp_btf/sched_{wakeup,wakeup_new,switch}",
+                 ("kt_runq_wakeup_btf", "kt_runq_wakeup_new_btf", "kt_runq_switch_btf"),
+                 all_of(tp_btf("sched_wakeup"), tp_btf("sched_wakeup_new"), tp_btf("sched_switch")), "5.5"),
+            Hook("raw_tp/sched_{wakeup,wakeup_new,switch}",
+                 ("kt_runq_wakeup_raw", "kt_runq_wakeup_new_raw", "kt_runq_switch_raw"),
+                 all_of(tracepoint("sched", "sched_wakeup"), tracepoint("sched", "sched_wakeup_new"),
+                        tracepoint("sched", "sched_switch")), "4.17"),
+        ),
+    ),
+    Family(
+        "blockio",
+        "latency.bpf.o",
+        description="block I/O latency from issue to completion: a histogram per disk and direction counted in "
+                    "the kernel, an event per request over --bio-warn",
+        chain=(
+            Hook("tp_btf/block_rq_{issue,complete}", ("kt_bio_issue_btf", "kt_bio_done_btf"),
+                 all_of(tp_btf("block_rq_issue"), tp_btf("block_rq_complete")), "5.5"),
+            # the classic tracepoints have no request pointer to pair an issue with its completion
+            Hook("raw_tp/block_rq_{issue,complete}", ("kt_bio_issue_raw", "kt_bio_done_raw"),
+                 all_of(tracepoint("block", "block_rq_issue"), tracepoint("block", "block_rq_complete")), "4.17"),
+        ),
+    ),
 )
 
 FAMILY_BY_NAME = {f.name: f for f in FAMILIES}

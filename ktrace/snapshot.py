@@ -21,7 +21,7 @@ from ktrace.analyze.summary import LOSS_KINDS, Summary
 from ktrace.bundle import Bundle, check_out_dir
 from ktrace.enrich.cgroup import CgroupPaths, annotate_oom
 from ktrace.errors import ExitStatus, NoBTF, NotPrivileged
-from ktrace.events import generated
+from ktrace.events import generated, latency
 from ktrace.events.decode import SCHEMA_VERSION, Decoder, family_and_weight, kernel_reset_reasons
 from ktrace.events.dns import DnsPairer
 from ktrace.events.drops import count_events, kernel_drop_reasons
@@ -51,6 +51,8 @@ class SnapshotOptions:
     ring_bytes: int = 8 << 20
     skip_hooks: frozenset[str] = frozenset()  # --skip-hook: alternatives treated as unavailable
     with_args: bool = False  # --with-args: exec events carry the arguments
+    sched_warn_s: float = capture.SCHED_WARN_S
+    bio_warn_s: float = capture.BIO_WARN_S
     quiet: bool = False
     ready_file: Path | None = None
     status: TextIO = field(default_factory=lambda: sys.stderr)
@@ -64,6 +66,7 @@ class SnapshotOptions:
             "max_events": self.max_events, "max_bytes": self.max_bytes, "probes": list(self.families),
             "ring_bytes": self.ring_bytes, "with_dns_names": "dns_names" in self.families,
             "skip_hooks": sorted(self.skip_hooks), "with_args": self.with_args,
+            "sched_warn_ms": round(self.sched_warn_s * 1e3, 3), "bio_warn_ms": round(self.bio_warn_s * 1e3, 3),
         }
 
 
@@ -172,6 +175,13 @@ class _Recorder:
         for flow in self.flows.take():
             self.write_event(flow)
 
+    def write_histograms(self, raw: dict[str, list], now_boot_ns: int) -> None:
+        """The kernel's latency histograms, one line each: they stand for every wait they counted."""
+        when = self.decoder.wall_time(now_boot_ns)
+        for event in (latency.runq_histogram_lines(raw["runq_hist"], when, now_boot_ns)
+                      + latency.bio_histogram_lines(raw["bio_hist"], when, now_boot_ns)):
+            self.write_event(event)
+
     def tick(self, now_boot_ns: int) -> None:
         self.dns.expire(now_boot_ns)
 
@@ -197,7 +207,8 @@ def run(opts: SnapshotOptions) -> SnapshotResult:
     config = capture.CaptureConfig(families=opts.families, ports=ports, dns_ports=opts.dns_ports,
                                    dns_only=opts.dns_only, sample_every=opts.sample, ring_bytes=opts.ring_bytes,
                                    map_sizes={**capture.DEFAULT_MAP_SIZES, "udp_flows": opts.udp_flows},
-                                   skip_hooks=opts.skip_hooks, with_args=opts.with_args)
+                                   skip_hooks=opts.skip_hooks, with_args=opts.with_args,
+                                   sched_warn_ns=int(opts.sched_warn_s * 1e9), bio_warn_ns=int(opts.bio_warn_s * 1e9))
     cap = capture.load(config)
     warnings = [f"{row.family}: no working probe ({row.reason})" for row in cap.table if row.status != "ok"]
     for warning in warnings:
@@ -250,6 +261,8 @@ def run(opts: SnapshotOptions) -> SnapshotResult:
             boot_end = time.clock_gettime_ns(time.CLOCK_BOOTTIME)
             for event in count_events(drop_counts or [], decoder.drop_reasons, decoder.wall_time(boot_end), boot_end):
                 recorder.write_event(event)
+            recorder.write_histograms(cap.latency_histograms(), time.clock_gettime_ns(time.CLOCK_BOOTTIME))
+            latency_losses = cap.latency_losses()
             recorder.dns.expire(time.clock_gettime_ns(time.CLOCK_BOOTTIME), window_end=True)
         if live:
             opts.status.write("\n")
@@ -320,7 +333,7 @@ def run(opts: SnapshotOptions) -> SnapshotResult:
         udp_map["datagrams_via_ring"] = k.get("seen", 0) - k.get("aggregated", 0) - k.get("filtered", 0) - k.get(
             "sampled_out", 0) - k.get("ringbuf_full", 0)
     doc = summary.build(meta=meta, losses=losses, probes=probe_table, udp_map=udp_map, process_counts=process_counts,
-                        drops_map=drops_map,
+                        drops_map=drops_map, latency_losses=latency_losses,
                         files={"events": events_file, "node": node_file}, warnings=warnings)
     bundle.write_json("summary.json", doc)
     bundle.write_tgz()

@@ -6,6 +6,7 @@ from collections import Counter
 
 from ktrace.analyze.dns import DnsAnalysis
 from ktrace.analyze.drops import DropAnalysis
+from ktrace.analyze.latency import LatencyAnalysis
 from ktrace.analyze.lookups import LookupAnalysis
 from ktrace.analyze.process import OomAnalysis, ProcessAnalysis
 from ktrace.analyze.tcp import TcpAnalysis
@@ -27,6 +28,7 @@ class Summary:
         self.oom = OomAnalysis()
         self.processes = ProcessAnalysis()
         self.drops = DropAnalysis()
+        self.latency = LatencyAnalysis()
 
     def add(self, event: dict, line: int | None) -> None:
         self.counts[event["type"]] += 1
@@ -37,14 +39,20 @@ class Summary:
         self.oom.add(event, line)
         self.processes.add(event, line)
         self.drops.add(event, line)
+        self.latency.add(event, line)
 
     def build(self, *, meta: dict, losses: dict[str, dict[str, int]], probes: list[dict], files: dict,
               warnings: list[str], udp_map: dict | None = None, process_counts: dict | None = None,
-              drops_map: dict | None = None) -> dict:
-        """udp_map, drops_map: the kernel maps' sizes and use, when their families ran; process_counts: what the
-        process family counted in the kernel without events. None of them is known offline."""
-        findings = (self.dns.findings(meta.get("options", {}).get("dns_timeout_s")) + self.lookups.findings()
-                    + self.tcp.findings() + self.oom.findings() + self.processes.findings() + self.drops.findings())
+              drops_map: dict | None = None, latency_losses: dict | None = None) -> dict:
+        """What only the kernel maps knew, none of it known offline: udp_map, drops_map: those maps' sizes and
+        use, when their families ran; process_counts: what the process family counted without events;
+        latency_losses: per section (sched, blockio), the losses counted apart from the family counters."""
+        options = meta.get("options", {})
+        sched_warn, bio_warn = options.get("sched_warn_ms"), options.get("bio_warn_ms")
+        findings = (self.dns.findings(options.get("dns_timeout_s")) + self.lookups.findings()
+                    + self.tcp.findings() + self.oom.findings() + self.processes.findings() + self.drops.findings()
+                    + self.latency.sched_findings(sched_warn) + self.latency.blockio_findings(bio_warn))
+        latency_losses = latency_losses or {}
         total = {kind: sum(f.get(kind, 0) for f in losses.values())
                  for kind in ("seen", "written", "aggregated", *LOSS_KINDS)}
         unaccounted = sum(abs(f["seen"] - f["written"] - sum(f[k] for k in LOSS_KINDS)) for f in losses.values())
@@ -72,6 +80,8 @@ class Summary:
             "oom": self.oom.summary(),
             "processes": self.processes.summary(process_counts),
             "drops": self.drops.summary(drops_map),
+            "sched": self.latency.sched_summary(sched_warn, latency_losses.get("sched")),
+            "blockio": self.latency.blockio_summary(bio_warn, latency_losses.get("blockio")),
             "findings": findings,
             "files": files,
             "warnings": warnings,

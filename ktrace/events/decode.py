@@ -70,6 +70,8 @@ KIND_FIELDS = {
     "fork": ("child_pid", "child_ppid"),
     "exit": ("exit_code", "runtime_ns"),
     "drop": ("reason", "protocol", "ip_proto", "location", "skaddr", "sk_cgroup_id", "sk_ino", "sk_uid", "netns"),
+    "runq_latency": ("wait_ns", "prev_pid", "prev_tgid", "prev_comm"),
+    "bio_latency": ("latency_ns", "sector", "dev", "bytes", "error", "op"),
 }
 # The event types a kind decodes to, where they are not just the kind's name.
 TYPES_OF_KIND = {"dns": ("dns_query", "dns_reply"), "oom": ("oom_kill",)}
@@ -79,6 +81,7 @@ FAMILY_OF_TYPE = {
     "udp_flow": "udp", "dns_query": "dns", "dns_reply": "dns", "dns_lookup": "dns_names",
     "oom_kill": "oom", "exec": "process", "fork": "process", "exit": "process",
     "drop": "drops", "drop_count": "drops",
+    "runq_histogram": "sched", "runq_latency": "sched", "bio_histogram": "blockio", "bio_latency": "blockio",
 }
 _TASK_BLOCK = slice(16, 96)  # struct kt_task inside every record, after struct kt_hdr
 
@@ -90,6 +93,10 @@ def family_and_weight(event: dict) -> tuple[str | None, int]:
         return "udp", event["packets"] + event["errors"]
     if kind == "drop_count":
         return "drops", event["count"]
+    if kind in ("runq_histogram", "bio_histogram"):  # every wait the kernel counted into it
+        return FAMILY_OF_TYPE[kind], event["count"]
+    if kind in ("runq_latency", "bio_latency"):  # an outlier: also a sample of its histogram
+        return FAMILY_OF_TYPE[kind], 0
     return FAMILY_OF_TYPE.get(kind), 1
 
 
@@ -317,7 +324,6 @@ class Decoder:
         event["runtime_ms"] = round(runtime_ns / 1e6, 3)
         return "exit"
 
-
     def _fmt_drop(self, event: dict, f: tuple) -> str:
         reason, protocol, ip_proto, location, skaddr, sk_cgroup_id, sk_ino, sk_uid, netns = f
         if not ip_proto:  # the IP header was not read (not IP, or not set yet): no addresses
@@ -334,6 +340,25 @@ class Decoder:
         event["sk_uid"] = sk_uid if skaddr else None
         event["netns_pkt"] = netns
         return "drop"
+
+
+    def _fmt_runq_latency(self, event: dict, f: tuple) -> str:
+        wait_ns, prev_pid, prev_tgid, prev_comm = f
+        event["wait_ms"] = round(wait_ns / 1e6, 3)
+        event["prev_pid"] = prev_tgid
+        event["prev_tid"] = prev_pid
+        event["prev_comm"] = _comm(prev_comm)
+        return "runq_latency"
+
+    def _fmt_bio_latency(self, event: dict, f: tuple) -> str:
+        latency_ns, sector, dev, nbytes, error, op = f
+        event["latency_ms"] = round(latency_ns / 1e6, 3)
+        event["dev"] = f"{dev >> 20}:{dev & 0xFFFFF}"
+        event["op"] = generated.BIO_OP.get(op, str(op))
+        event["sector"] = sector
+        event["bytes"] = nbytes
+        event["error"] = error
+        return "bio_latency"
 
 
 def exec_args(raw: bytes) -> str:

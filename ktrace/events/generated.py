@@ -15,6 +15,8 @@ KIND = {
     9: 'exec',
     10: 'fork',
     11: 'exit',
+    12: 'runq_latency',
+    13: 'bio_latency',
     14: 'drop',
 }
 
@@ -28,6 +30,8 @@ FAMILY = {
     6: 'dns_names',
     7: 'oom',
     8: 'process',
+    9: 'sched',
+    10: 'blockio',
     11: 'drops',
 }
 
@@ -77,6 +81,25 @@ OOM_SOURCE = {
 
 PROC_COUNTER = {
     0: 'threads_created',
+}
+
+LATENCY_SIZES = {
+    32: 'hist_slots',
+}
+
+BIO_OP = {
+    1: 'read',
+    2: 'write',
+    3: 'flush',
+    4: 'discard',
+    5: 'other',
+}
+
+LATENCY_LOSS = {
+    0: 'runq_queued_full',
+    1: 'runq_outlier',
+    2: 'bio_inflight_full',
+    3: 'bio_outlier',
 }
 
 DNS_LOOKUP_EVENT = Layout(
@@ -169,6 +192,167 @@ DROP_KEY = Layout(
         Field('reason', 0, 'I', '__u32'),
         Field('protocol', 4, 'H', '__u16'),
         Field('ip_proto', 6, 'B', '__u8'),
+    ),
+)
+
+RUNQ_LATENCY_EVENT = Layout(
+    'kt_runq_latency_event',
+    128,
+    (
+        Field('hdr.ts_ns', 0, 'Q', '__u64'),
+        Field('hdr.kind', 8, 'H', '__u16'),
+        Field('hdr.size', 10, 'H', '__u16'),
+        Field('hdr.cpu', 12, 'I', '__u32'),
+        Field('task.cgroup_id', 16, 'Q', '__u64'),
+        Field('task.memcg_id', 24, 'Q', '__u64'),
+        Field('task.cap_effective', 32, 'Q', '__u64'),
+        Field('task.pid', 40, 'I', '__u32'),
+        Field('task.tgid', 44, 'I', '__u32'),
+        Field('task.ppid', 48, 'I', '__u32'),
+        Field('task.uid', 52, 'I', '__u32'),
+        Field('task.gid', 56, 'I', '__u32'),
+        Field('task.netns', 60, 'I', '__u32'),
+        Field('task.mntns', 64, 'I', '__u32'),
+        Field('task.pidns', 68, 'I', '__u32'),
+        Field('task.userns', 72, 'I', '__u32'),
+        Field('task.seccomp_mode', 76, 'I', '__u32'),
+        Field('task.comm', 80, '16s', '__u8[16]'),
+        Field('wait_ns', 96, 'Q', '__u64'),
+        Field('prev_pid', 104, 'I', '__u32'),
+        Field('prev_tgid', 108, 'I', '__u32'),
+        Field('prev_comm', 112, '16s', '__u8[16]'),
+    ),
+)
+
+BIO_LATENCY_EVENT = Layout(
+    'kt_bio_latency_event',
+    128,
+    (
+        Field('hdr.ts_ns', 0, 'Q', '__u64'),
+        Field('hdr.kind', 8, 'H', '__u16'),
+        Field('hdr.size', 10, 'H', '__u16'),
+        Field('hdr.cpu', 12, 'I', '__u32'),
+        Field('task.cgroup_id', 16, 'Q', '__u64'),
+        Field('task.memcg_id', 24, 'Q', '__u64'),
+        Field('task.cap_effective', 32, 'Q', '__u64'),
+        Field('task.pid', 40, 'I', '__u32'),
+        Field('task.tgid', 44, 'I', '__u32'),
+        Field('task.ppid', 48, 'I', '__u32'),
+        Field('task.uid', 52, 'I', '__u32'),
+        Field('task.gid', 56, 'I', '__u32'),
+        Field('task.netns', 60, 'I', '__u32'),
+        Field('task.mntns', 64, 'I', '__u32'),
+        Field('task.pidns', 68, 'I', '__u32'),
+        Field('task.userns', 72, 'I', '__u32'),
+        Field('task.seccomp_mode', 76, 'I', '__u32'),
+        Field('task.comm', 80, '16s', '__u8[16]'),
+        Field('latency_ns', 96, 'Q', '__u64'),
+        Field('sector', 104, 'Q', '__u64'),
+        Field('dev', 112, 'I', '__u32'),
+        Field('bytes', 116, 'I', '__u32'),
+        Field('error', 120, 'i', '__s32'),
+        Field('op', 124, 'B', '__u8'),
+    ),
+)
+
+HIST = Layout(
+    'kt_hist',
+    272,
+    (
+        Field('slots[0]', 0, 'Q', '__u64'),
+        Field('slots[1]', 8, 'Q', '__u64'),
+        Field('slots[2]', 16, 'Q', '__u64'),
+        Field('slots[3]', 24, 'Q', '__u64'),
+        Field('slots[4]', 32, 'Q', '__u64'),
+        Field('slots[5]', 40, 'Q', '__u64'),
+        Field('slots[6]', 48, 'Q', '__u64'),
+        Field('slots[7]', 56, 'Q', '__u64'),
+        Field('slots[8]', 64, 'Q', '__u64'),
+        Field('slots[9]', 72, 'Q', '__u64'),
+        Field('slots[10]', 80, 'Q', '__u64'),
+        Field('slots[11]', 88, 'Q', '__u64'),
+        Field('slots[12]', 96, 'Q', '__u64'),
+        Field('slots[13]', 104, 'Q', '__u64'),
+        Field('slots[14]', 112, 'Q', '__u64'),
+        Field('slots[15]', 120, 'Q', '__u64'),
+        Field('slots[16]', 128, 'Q', '__u64'),
+        Field('slots[17]', 136, 'Q', '__u64'),
+        Field('slots[18]', 144, 'Q', '__u64'),
+        Field('slots[19]', 152, 'Q', '__u64'),
+        Field('slots[20]', 160, 'Q', '__u64'),
+        Field('slots[21]', 168, 'Q', '__u64'),
+        Field('slots[22]', 176, 'Q', '__u64'),
+        Field('slots[23]', 184, 'Q', '__u64'),
+        Field('slots[24]', 192, 'Q', '__u64'),
+        Field('slots[25]', 200, 'Q', '__u64'),
+        Field('slots[26]', 208, 'Q', '__u64'),
+        Field('slots[27]', 216, 'Q', '__u64'),
+        Field('slots[28]', 224, 'Q', '__u64'),
+        Field('slots[29]', 232, 'Q', '__u64'),
+        Field('slots[30]', 240, 'Q', '__u64'),
+        Field('slots[31]', 248, 'Q', '__u64'),
+        Field('sum_ns', 256, 'Q', '__u64'),
+        Field('max_ns', 264, 'Q', '__u64'),
+    ),
+)
+
+RUNQ_KEY = Layout(
+    'kt_runq_key',
+    16,
+    (
+        Field('cgroup_id', 0, 'Q', '__u64'),
+        Field('memcg_id', 8, 'Q', '__u64'),
+    ),
+)
+
+BIO_KEY = Layout(
+    'kt_bio_key',
+    8,
+    (
+        Field('dev', 0, 'I', '__u32'),
+        Field('op', 4, 'B', '__u8'),
+    ),
+)
+
+BIO_HIST = Layout(
+    'kt_bio_hist',
+    280,
+    (
+        Field('lat.slots[0]', 0, 'Q', '__u64'),
+        Field('lat.slots[1]', 8, 'Q', '__u64'),
+        Field('lat.slots[2]', 16, 'Q', '__u64'),
+        Field('lat.slots[3]', 24, 'Q', '__u64'),
+        Field('lat.slots[4]', 32, 'Q', '__u64'),
+        Field('lat.slots[5]', 40, 'Q', '__u64'),
+        Field('lat.slots[6]', 48, 'Q', '__u64'),
+        Field('lat.slots[7]', 56, 'Q', '__u64'),
+        Field('lat.slots[8]', 64, 'Q', '__u64'),
+        Field('lat.slots[9]', 72, 'Q', '__u64'),
+        Field('lat.slots[10]', 80, 'Q', '__u64'),
+        Field('lat.slots[11]', 88, 'Q', '__u64'),
+        Field('lat.slots[12]', 96, 'Q', '__u64'),
+        Field('lat.slots[13]', 104, 'Q', '__u64'),
+        Field('lat.slots[14]', 112, 'Q', '__u64'),
+        Field('lat.slots[15]', 120, 'Q', '__u64'),
+        Field('lat.slots[16]', 128, 'Q', '__u64'),
+        Field('lat.slots[17]', 136, 'Q', '__u64'),
+        Field('lat.slots[18]', 144, 'Q', '__u64'),
+        Field('lat.slots[19]', 152, 'Q', '__u64'),
+        Field('lat.slots[20]', 160, 'Q', '__u64'),
+        Field('lat.slots[21]', 168, 'Q', '__u64'),
+        Field('lat.slots[22]', 176, 'Q', '__u64'),
+        Field('lat.slots[23]', 184, 'Q', '__u64'),
+        Field('lat.slots[24]', 192, 'Q', '__u64'),
+        Field('lat.slots[25]', 200, 'Q', '__u64'),
+        Field('lat.slots[26]', 208, 'Q', '__u64'),
+        Field('lat.slots[27]', 216, 'Q', '__u64'),
+        Field('lat.slots[28]', 224, 'Q', '__u64'),
+        Field('lat.slots[29]', 232, 'Q', '__u64'),
+        Field('lat.slots[30]', 240, 'Q', '__u64'),
+        Field('lat.slots[31]', 248, 'Q', '__u64'),
+        Field('lat.sum_ns', 256, 'Q', '__u64'),
+        Field('lat.max_ns', 264, 'Q', '__u64'),
+        Field('bytes', 272, 'Q', '__u64'),
     ),
 )
 
@@ -535,5 +719,7 @@ LAYOUTS = {
     9: EXEC_EVENT,
     10: FORK_EVENT,
     11: EXIT_EVENT,
+    12: RUNQ_LATENCY_EVENT,
+    13: BIO_LATENCY_EVENT,
     14: DROP_EVENT,
 }

@@ -85,7 +85,7 @@ def test_every_field_is_documented_with_a_description(name):
 def test_event_types_in_the_schema_are_the_decoders_kinds_and_the_user_space_types():
     schema = schemas.load_schema("events")
     decoded = [t for kind in generated.KIND.values() for t in decode.TYPES_OF_KIND.get(kind, (kind,))]
-    user_space = ["dns_timeout", "drop_count"]
+    user_space = ["dns_timeout", "drop_count", "runq_histogram", "bio_histogram"]
     assert schema["properties"]["type"]["enum"] == [*decoded, *user_space]
     assert [rule["then"]["$ref"].rsplit("/", 1)[1] for rule in schema["allOf"]] == [*decoded, *user_space]
 

@@ -12,10 +12,10 @@ the last bucket: everything longer), as bpf/latency.h defines it.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 from ktrace import probes
+from ktrace.enrich.cgroup import CgroupPaths
 from ktrace.events import generated
 
 SLOTS = next(v for v, name in generated.LATENCY_SIZES.items() if name == "hist_slots")
@@ -70,27 +70,11 @@ def dev_name(dev: int) -> tuple[int, int, str | None]:
 
 
 class CgroupNames:
-    """Kernfs id → path of a cgroup, found by walking a hierarchy and comparing st_ino (cached per hierarchy)."""
+    """Which id names a task's cgroup in the histograms, and its path (ktrace.enrich.cgroup walks the hierarchies)."""
 
     def __init__(self, v2_root: Path | None = None, v1_memory: Path | None = V1_MEMORY) -> None:
         self.roots = {"cgroup2": v2_root if v2_root is not None else probes.cgroup2_root(), "memory": v1_memory}
-        self._tables: dict[str, dict[int, str]] = {}
-
-    def _table(self, hierarchy: str) -> dict[int, str]:
-        if hierarchy not in self._tables:
-            table: dict[int, str] = {}
-            root = self.roots.get(hierarchy)
-            if root is not None and root.is_dir():
-                for n, (path, _dirs, _files) in enumerate(os.walk(root)):
-                    if n >= MAX_CGROUP_DIRS:
-                        break
-                    relative = os.path.relpath(path, root)
-                    try:
-                        table[os.stat(path).st_ino] = "/" if relative == "." else "/" + relative
-                    except OSError:
-                        continue
-            self._tables[hierarchy] = table
-        return self._tables[hierarchy]
+        self.paths = CgroupPaths({"unified": self.roots["cgroup2"], "memory": v1_memory}, max_entries=MAX_CGROUP_DIRS)
 
     def name(self, cgroup_id: int, memcg_id: int) -> dict:
         """Which id names a task's cgroup, and its path.
@@ -105,7 +89,8 @@ class CgroupNames:
             hierarchy, ident = "cgroup2", cgroup_id
         else:
             hierarchy, ident = "memory", memcg_id
-        return {"cgroup_hierarchy": hierarchy, "cgroup": ident, "cgroup_path": self._table(hierarchy).get(ident)}
+        path = self.paths.path("unified" if hierarchy == "cgroup2" else "memory", ident)
+        return {"cgroup_hierarchy": hierarchy, "cgroup": ident, "cgroup_path": path}
 
 
 # --- histogram lines ---

@@ -9,10 +9,9 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-V1_MEMORY = Path("/sys/fs/cgroup/memory")
+from tests import cgroups
 
 # A process that names itself, pins itself to one CPU, moves itself into a cgroup, then spins or
 # alternates spinning with short sleeps (so it is both woken and preempted).
@@ -34,32 +33,11 @@ print("done", flush=True)
 """
 
 
-class MemoryCgroup:
-    """/sys/fs/cgroup/memory/kt-runq-<pid>: a v1 memory cgroup, removed on exit."""
+class MemoryCgroup(cgroups.MemoryCgroup):
+    """a v1 memory cgroup for run-queue tests, removed on exit."""
 
-    def __init__(self, label: str = "kt-runq") -> None:
-        self.path = V1_MEMORY / f"{label}-{os.getpid()}"
-        self.id = 0
-
-    def __enter__(self) -> MemoryCgroup:
-        self.path.mkdir()
-        # the kernfs id the kernel reports for the cgroup: its directory's inode number
-        self.id = self.path.stat().st_ino
-        return self
-
-    @property
-    def procs(self) -> Path:
-        return self.path / "cgroup.procs"
-
-    def __exit__(self, *exc: object) -> None:
-        # a process that just exited may still hold the cgroup for a moment
-        for _ in range(100):
-            try:
-                self.path.rmdir()
-                return
-            except OSError:
-                time.sleep(0.05)
-        self.path.rmdir()
+    def __init__(self) -> None:
+        super().__init__("kt-runq")
 
 
 def start_load(cgroup: MemoryCgroup, cpu: int, name: str, mode: str, seconds: float) -> subprocess.Popen:

@@ -5,14 +5,12 @@ are signalled."""
 from __future__ import annotations
 
 import json
-import os
 import re
 import subprocess
 import sys
-import time
-from pathlib import Path
 
-MEMORY_V1 = Path("/sys/fs/cgroup/memory")
+from tests import cgroups
+
 LIMIT = 64 << 20
 CHUNK = 4 << 20
 MAX_ALLOC = 256 << 20
@@ -45,40 +43,11 @@ print(json.dumps({"pid": os.getpid(), "children": codes}))
 """
 
 
-class MemoryCgroup:
-    """A v1 memory cgroup /sys/fs/cgroup/memory/kt-oom-<pid> limited to 64 MB (and 64 MB with swap)."""
+class MemoryCgroup(cgroups.MemoryCgroup):
+    """a v1 memory cgroup limited to 64 MB (and 64 MB with swap), removed on exit."""
 
     def __init__(self) -> None:
-        self.path = MEMORY_V1 / f"kt-oom-{os.getpid()}-{time.monotonic_ns()}"
-
-    def __enter__(self) -> MemoryCgroup:
-        self.path.mkdir()
-        (self.path / "memory.limit_in_bytes").write_text(str(LIMIT))
-        memsw = self.path / "memory.memsw.limit_in_bytes"
-        if memsw.exists():  # with swap the hog would swap instead of being killed
-            memsw.write_text(str(LIMIT))
-        return self
-
-    @property
-    def shown(self) -> str:
-        """The path as /proc/<pid>/cgroup shows it."""
-        return "/" + self.path.name
-
-    def oom_kills(self) -> int:
-        for line in (self.path / "memory.oom_control").read_text().splitlines():
-            if line.startswith("oom_kill "):
-                return int(line.split()[1])
-        return 0
-
-    def __exit__(self, *exc: object) -> None:
-        # only the hog was ever moved in, and it is reaped by now
-        for _ in range(100):
-            try:
-                self.path.rmdir()
-                return
-            except OSError:
-                time.sleep(0.05)
-        self.path.rmdir()
+        super().__init__("kt-oom", limit_bytes=LIMIT)
 
 
 def oom_hog(cgroup: MemoryCgroup) -> tuple[int, int]:

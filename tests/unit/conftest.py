@@ -5,8 +5,11 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
+
+from ktrace import cli, snapshot
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
 BUNDLE_DIR = FIXTURES / "bundle"
@@ -40,3 +43,21 @@ def bundle_copy(tmp_path: Path) -> dict[str, Path]:
         paths[kind] = tmp_path / f"{PREFIX}.{kind}"
         shutil.copyfile(fixture_path(kind), paths[kind])
     return paths
+
+
+@pytest.fixture
+def options(monkeypatch):
+    """The SnapshotOptions `ktrace` would run with; nothing is loaded."""
+    seen = []
+
+    def run(opts):
+        seen.append(opts)
+        return SimpleNamespace(status=0)
+
+    monkeypatch.setattr(snapshot, "run", run)
+
+    def parse(*argv: str) -> snapshot.SnapshotOptions:
+        assert cli.main(["--quiet", *argv]) == 0
+        return seen.pop()
+
+    return parse

@@ -2,29 +2,7 @@
 
 from __future__ import annotations
 
-from types import SimpleNamespace
-
-import pytest
-
-from ktrace import cli, probes, snapshot
-
-
-@pytest.fixture
-def options(monkeypatch):
-    """The SnapshotOptions `ktrace` would run with; nothing is loaded."""
-    seen = []
-
-    def run(opts):
-        seen.append(opts)
-        return SimpleNamespace(status=0)
-
-    monkeypatch.setattr(snapshot, "run", run)
-
-    def parse(*argv: str) -> snapshot.SnapshotOptions:
-        assert cli.main(["--quiet", *argv]) == 0
-        return seen.pop()
-
-    return parse
+from ktrace import cli, probes
 
 
 def test_dns_names_is_off_by_default(options):

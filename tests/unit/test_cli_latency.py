@@ -2,30 +2,8 @@
 
 from __future__ import annotations
 
-from types import SimpleNamespace
-
-import pytest
-
-from ktrace import capture, cli, snapshot
+from ktrace import capture, cli
 from ktrace.errors import ExitStatus
-
-
-@pytest.fixture
-def options(monkeypatch):
-    """The SnapshotOptions `ktrace` would run with; nothing is loaded."""
-    seen = []
-
-    def run(opts):
-        seen.append(opts)
-        return SimpleNamespace(status=0)
-
-    monkeypatch.setattr(snapshot, "run", run)
-
-    def parse(*argv: str) -> snapshot.SnapshotOptions:
-        assert cli.main(["--quiet", *argv]) == 0
-        return seen.pop()
-
-    return parse
 
 
 def test_latency_families_and_thresholds_by_default(options):

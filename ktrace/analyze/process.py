@@ -222,8 +222,10 @@ class ProcessAnalysis:
             reasons = dict(sorted(fail.reasons.items(), key=lambda kv: (-kv[1], kv[0])))
             shown = ", ".join(f"{r} x{n}" for r, n in reasons.items())
             comm = fail.comms.most_common(1)[0][0]
+            # status 1 is also the everyday "no" of utilities (grep, test, readlink): only that is no alarm
+            severity = "info" if set(reasons) == {"exit 1"} else "warning"
             out.append(finding(
-                "crash_loop", "warning",
+                "crash_loop", severity,
                 f"{name} was started and failed {fail.runs} times ({shown})",
                 {"filename": name, "comm": comm, "failures": fail.runs, "execs": self.executables.get(name, 0),
                  "reasons": reasons},

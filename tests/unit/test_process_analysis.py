@@ -101,6 +101,14 @@ def test_an_executable_failing_5_times_is_a_crash_loop():
     assert crash["evidence"]["lines"] == [2, 4, 6, 8, 10]
 
 
+def test_failures_that_are_all_exit_1_are_only_info():
+    [crash] = _rules(_replay(_runs(CRASH_LOOP_FAILURES, {**EXIT_3, "exit_code": 1 << 8, "exit_status": 1})),
+                     "crash_loop")
+    assert crash["subject"]["reasons"] == {"exit 1": 5} and crash["severity"] == "info"
+    [crash] = _rules(_replay(_runs(CRASH_LOOP_FAILURES, EXIT_3)), "crash_loop")
+    assert crash["severity"] == "warning"
+
+
 def test_killed_runs_count_as_failures_with_the_signal_as_reason():
     events = _runs(3, EXIT_3) + _runs(2, EXIT_KILLED, first_pid=8000)
     [crash] = _rules(_replay(events), "crash_loop")

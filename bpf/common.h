@@ -31,6 +31,7 @@ enum kt_kind {
 	KT_KIND_DROP = 14,
 	KT_KIND_RUNQ_LATENCY = 12,
 	KT_KIND_BIO_LATENCY = 13,
+	KT_KIND_CGROUP_MKDIR = 15,
 };
 
 /* Index of a probe family in the loss counters. */
@@ -47,7 +48,8 @@ enum kt_family {
 	KT_FAMILY_DROPS = 11,
 	KT_FAMILY_SCHED = 9,
 	KT_FAMILY_BLOCKIO = 10,
-	KT_FAMILY_MAX = 12,
+	KT_FAMILY_CGROUPS = 12,
+	KT_FAMILY_MAX = 13,
 };
 
 /* How the task block of an event was obtained. */

@@ -411,6 +411,17 @@ FAMILIES: tuple[Family, ...] = (
                  all_of(tracepoint("block", "block_rq_issue"), tracepoint("block", "block_rq_complete")), "4.17"),
         ),
     ),
+    Family(
+        "cgroups",
+        "cgroups.bpf.o",
+        description="cgroups created during the window (id, hierarchy, path), so that the cgroups of short-lived "
+                    "containers still resolve to paths and pods",
+        chain=(
+            Hook("tp_btf/cgroup_mkdir", ("kt_cgroup_mkdir_btf",), tp_btf("cgroup_mkdir"), "5.5"),
+            Hook("tracepoint/cgroup/cgroup_mkdir", ("kt_cgroup_mkdir_tp",), tracepoint("cgroup", "cgroup_mkdir"),
+                 "4.19"),
+        ),
+    ),
 )
 
 FAMILY_BY_NAME = {f.name: f for f in FAMILIES}

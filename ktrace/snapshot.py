@@ -20,6 +20,7 @@ from ktrace import __version__, capture, libbpf, node, probes
 from ktrace.analyze.summary import LOSS_KINDS, Summary
 from ktrace.bundle import Bundle, check_out_dir
 from ktrace.enrich.cgroup import CgroupPaths, annotate_oom
+from ktrace.enrich.identity import Identity
 from ktrace.errors import ExitStatus, NoBTF, NotPrivileged
 from ktrace.events import generated, latency
 from ktrace.events.decode import SCHEMA_VERSION, Decoder, family_and_weight, kernel_reset_reasons
@@ -135,6 +136,9 @@ class _Recorder:
         self.dns = DnsPairer(self.write_event, dns_timeout_ns, decoder.wall_time)
         self.flows = UdpFlows()
         self.cgroups = CgroupPaths()
+        # every task block gets its cgroup path and pod: resolved once per block, cached with it by the decoder
+        self.identity = Identity(self.cgroups)
+        decoder.identity = self.identity.of
 
     def _account(self, event: dict, number: int | None) -> None:
         family, weight = family_and_weight(event)
@@ -161,6 +165,9 @@ class _Recorder:
                 self.add_flow(event)
             elif kind == "dns_query" or kind == "dns_reply":
                 self.dns.add(event)
+            elif kind == "cgroup_mkdir":  # before any event of a task in the new cgroup: the ring keeps order
+                self.identity.add_mkdir(event)
+                account(event, write(line))
             elif kind == "oom_kill":  # rare: resolved while its memory cgroup most likely still exists
                 self.write_event(annotate_oom(event, self.cgroups))
             else:

@@ -5,7 +5,10 @@ inode number of the cgroup's directory. Events carry two: `cgroup_id` (the
 cgroup2 hierarchy) and `memcg_id` (the memory controller's cgroup: v1 on hybrid
 hosts, the cgroup2 one otherwise). A miss walks the hierarchy again, at most
 every RESCAN_S per hierarchy; every directory seen on the way is cached, in a
-bounded table. A cgroup removed before it is looked up stays unresolved.
+bounded table. The cgroups family's cgroup_mkdir events add the cgroups created
+during the window as they are born (`CgroupPaths.add`), so a cgroup created and
+removed before it is looked up still resolves; one created before the window and
+removed before it is looked up stays unresolved.
 """
 
 from __future__ import annotations
@@ -33,6 +36,27 @@ def memory_root() -> Path | None:
     return probes.cgroup2_root()
 
 
+def hierarchy_names(proc_cgroup: str | None = None) -> dict[int, str]:
+    """Hierarchy id (cgroup_mkdir's hierarchy_id) → the name CgroupPaths uses: "unified" for cgroup2 (id 0),
+    "memory" for the v1 hierarchy with the memory controller, else its controllers ("cpu,cpuacct", "name=systemd").
+
+    From /proc/self/cgroup, whose lines are "<hierarchy id>:<controllers>:<path>".
+    """
+    if proc_cgroup is None:
+        try:
+            proc_cgroup = Path("/proc/self/cgroup").read_text()
+        except OSError:
+            proc_cgroup = ""
+    names = {0: "unified"}
+    for line in proc_cgroup.splitlines():
+        ident, _, rest = line.partition(":")
+        controllers = rest.partition(":")[0]
+        if not ident.isdigit() or ident == "0":
+            continue
+        names[int(ident)] = "memory" if "memory" in controllers.split(",") else controllers
+    return names
+
+
 class CgroupPaths:
     """Paths of cgroups by id, per hierarchy ("memory", "unified"), as /proc/<pid>/cgroup shows them."""
 
@@ -49,6 +73,12 @@ class CgroupPaths:
         if key not in self._paths:
             self._walk(hierarchy, cgroup_id)
         return self._paths.get(key)
+
+    def add(self, hierarchy: str, cgroup_id: int, path: str) -> None:
+        """A cgroup seen being created (cgroup_mkdir): known without a walk, even after it is gone."""
+        if len(self._paths) >= self.max_entries:
+            self._paths.clear()
+        self._paths[(hierarchy, cgroup_id)] = path or "/"
 
     def _walk(self, hierarchy: str, wanted: int) -> None:
         root = self.roots.get(hierarchy)

@@ -72,6 +72,7 @@ KIND_FIELDS = {
     "drop": ("reason", "protocol", "ip_proto", "location", "skaddr", "sk_cgroup_id", "sk_ino", "sk_uid", "netns"),
     "runq_latency": ("wait_ns", "prev_pid", "prev_tgid", "prev_comm"),
     "bio_latency": ("latency_ns", "sector", "dev", "bytes", "error", "op"),
+    "cgroup_mkdir": ("id", "hierarchy_id", "level", "path"),
 }
 # The event types a kind decodes to, where they are not just the kind's name.
 TYPES_OF_KIND = {"dns": ("dns_query", "dns_reply"), "oom": ("oom_kill",)}
@@ -82,6 +83,7 @@ FAMILY_OF_TYPE = {
     "oom_kill": "oom", "exec": "process", "fork": "process", "exit": "process",
     "drop": "drops", "drop_count": "drops",
     "runq_histogram": "sched", "runq_latency": "sched", "bio_histogram": "blockio", "bio_latency": "blockio",
+    "cgroup_mkdir": "cgroups",
 }
 _TASK_BLOCK = slice(16, 96)  # struct kt_task inside every record, after struct kt_hdr
 
@@ -134,8 +136,11 @@ class Decoder:
     """
 
     def __init__(self, boot_to_wall_ns: int, reset_reasons: dict[int, str] | None = None,
-                 drop_reasons: dict[int, str] | None = None) -> None:
+                 drop_reasons: dict[int, str] | None = None,
+                 identity: Callable[[int, int], dict] | None = None) -> None:
         self.boot_to_wall_ns = boot_to_wall_ns
+        # (cgroup_id, memcg_id) → {"cgroup_path", "k8s"} (ktrace.enrich.identity): resolved once per task block
+        self.identity = identity
         self.reset_reasons = reset_reasons or {}
         self.drop_reasons = drop_reasons or {}
         self._addr_cache: dict[tuple[int, bytes], str] = {}
@@ -179,6 +184,10 @@ class Decoder:
             "cgroup_id": cgroup_id, "memcg_id": memcg_id, "netns": netns, "mntns": mntns, "pidns": pidns,
             "userns": userns, "seccomp": seccomp, "cap_eff": f"{caps:#x}",
         }
+        if self.identity is not None:
+            task.update(self.identity(cgroup_id, memcg_id))
+        else:
+            task["cgroup_path"] = task["k8s"] = None
         return task, orjson.dumps(task)[1:-1]
 
     def decode(self, record: bytes) -> tuple[dict, bytes] | None:
@@ -298,9 +307,9 @@ class Decoder:
         event["trigger_tid"] = trigger_tid
         event["trigger_comm"] = _comm(trigger_comm)
         event["source"] = generated.OOM_SOURCE.get(source, str(source))
-        # filled by the recorder from the live cgroup hierarchies (ktrace.enrich.cgroup)
+        # filled by the recorder from the live cgroup hierarchies (ktrace.enrich.cgroup); cgroup_path, from the
+        # task block, becomes the cgroup2 path there
         event["memcg_path"] = None
-        event["cgroup_path"] = None
         return "oom_kill"
 
     def _fmt_exec(self, event: dict, f: tuple) -> str:
@@ -359,6 +368,14 @@ class Decoder:
         event["bytes"] = nbytes
         event["error"] = error
         return "bio_latency"
+
+    def _fmt_cgroup_mkdir(self, event: dict, f: tuple) -> str:
+        ident, hierarchy_id, level, path = f
+        event["new_cgroup_id"] = ident
+        event["hierarchy_id"] = hierarchy_id
+        event["level"] = level
+        event["new_cgroup_path"] = path.split(b"\0", 1)[0].decode("utf-8", "replace") or "/"
+        return "cgroup_mkdir"
 
 
 def exec_args(raw: bytes) -> str:

@@ -23,8 +23,8 @@ TCP_CONTINUATION_NS = 1_000_000_000  # a TCP read this soon after a reply is the
 
 # The fields of a query that its timeout event repeats: who asked whom.
 _TIMEOUT_FIELDS = ("pid", "tid", "ppid", "comm", "uid", "gid", "attribution", "cgroup_id", "memcg_id", "netns",
-                   "mntns", "pidns", "userns", "seccomp", "cap_eff", "family", "saddr", "sport", "daddr", "dport",
-                   "sk", "netns_sk", "protocol", "role")
+                   "mntns", "pidns", "userns", "seccomp", "cap_eff", "cgroup_path", "k8s", "family", "saddr", "sport",
+                   "daddr", "dport", "sk", "netns_sk", "protocol", "role")
 
 
 @dataclass

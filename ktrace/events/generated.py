@@ -18,6 +18,7 @@ KIND = {
     12: 'runq_latency',
     13: 'bio_latency',
     14: 'drop',
+    15: 'cgroup_mkdir',
 }
 
 FAMILY = {
@@ -33,6 +34,7 @@ FAMILY = {
     9: 'sched',
     10: 'blockio',
     11: 'drops',
+    12: 'cgroups',
 }
 
 ATTRIBUTION = {
@@ -102,6 +104,47 @@ LATENCY_LOSS = {
     3: 'bio_outlier',
 }
 
+CGROUP_MKDIR_EVENT = Layout(
+    'kt_cgroup_mkdir_event',
+    368,
+    (
+        Field('hdr.ts_ns', 0, 'Q', '__u64'),
+        Field('hdr.kind', 8, 'H', '__u16'),
+        Field('hdr.size', 10, 'H', '__u16'),
+        Field('hdr.cpu', 12, 'I', '__u32'),
+        Field('task.cgroup_id', 16, 'Q', '__u64'),
+        Field('task.memcg_id', 24, 'Q', '__u64'),
+        Field('task.cap_effective', 32, 'Q', '__u64'),
+        Field('task.pid', 40, 'I', '__u32'),
+        Field('task.tgid', 44, 'I', '__u32'),
+        Field('task.ppid', 48, 'I', '__u32'),
+        Field('task.uid', 52, 'I', '__u32'),
+        Field('task.gid', 56, 'I', '__u32'),
+        Field('task.netns', 60, 'I', '__u32'),
+        Field('task.mntns', 64, 'I', '__u32'),
+        Field('task.pidns', 68, 'I', '__u32'),
+        Field('task.userns', 72, 'I', '__u32'),
+        Field('task.seccomp_mode', 76, 'I', '__u32'),
+        Field('task.comm', 80, '16s', '__u8[16]'),
+        Field('id', 96, 'Q', '__u64'),
+        Field('hierarchy_id', 104, 'i', '__s32'),
+        Field('level', 108, 'i', '__s32'),
+        Field('path', 112, '256s', '__u8[256]'),
+    ),
+)
+
+COUNTERS = Layout(
+    'kt_counters',
+    40,
+    (
+        Field('seen', 0, 'Q', '__u64'),
+        Field('filtered', 8, 'Q', '__u64'),
+        Field('sampled_out', 16, 'Q', '__u64'),
+        Field('ringbuf_full', 24, 'Q', '__u64'),
+        Field('aggregated', 32, 'Q', '__u64'),
+    ),
+)
+
 DNS_LOOKUP_EVENT = Layout(
     'kt_dns_lookup_event',
     376,
@@ -130,18 +173,6 @@ DNS_LOOKUP_EVENT = Layout(
         Field('family', 112, 'H', '__u16'),
         Field('function', 114, 'B', '__u8'),
         Field('name', 120, '256s', '__u8[256]'),
-    ),
-)
-
-COUNTERS = Layout(
-    'kt_counters',
-    40,
-    (
-        Field('seen', 0, 'Q', '__u64'),
-        Field('filtered', 8, 'Q', '__u64'),
-        Field('sampled_out', 16, 'Q', '__u64'),
-        Field('ringbuf_full', 24, 'Q', '__u64'),
-        Field('aggregated', 32, 'Q', '__u64'),
     ),
 )
 
@@ -722,4 +753,5 @@ LAYOUTS = {
     12: RUNQ_LATENCY_EVENT,
     13: BIO_LATENCY_EVENT,
     14: DROP_EVENT,
+    15: CGROUP_MKDIR_EVENT,
 }

@@ -8,6 +8,7 @@ from ktrace.analyze.dns import DnsAnalysis
 from ktrace.analyze.drops import DropAnalysis
 from ktrace.analyze.latency import LatencyAnalysis
 from ktrace.analyze.lookups import LookupAnalysis
+from ktrace.analyze.pods import PodAnalysis
 from ktrace.analyze.process import OomAnalysis, ProcessAnalysis
 from ktrace.analyze.tcp import TcpAnalysis
 from ktrace.analyze.udp import UdpAnalysis
@@ -29,6 +30,7 @@ class Summary:
         self.processes = ProcessAnalysis()
         self.drops = DropAnalysis()
         self.latency = LatencyAnalysis()
+        self.pods = PodAnalysis()
 
     def add(self, event: dict, line: int | None) -> None:
         self.counts[event["type"]] += 1
@@ -40,6 +42,7 @@ class Summary:
         self.processes.add(event, line)
         self.drops.add(event, line)
         self.latency.add(event, line)
+        self.pods.add(event, line)
 
     def build(self, *, meta: dict, losses: dict[str, dict[str, int]], probes: list[dict], files: dict,
               warnings: list[str], udp_map: dict | None = None, process_counts: dict | None = None,
@@ -82,6 +85,7 @@ class Summary:
             "drops": self.drops.summary(drops_map),
             "sched": self.latency.sched_summary(sched_warn, latency_losses.get("sched")),
             "blockio": self.latency.blockio_summary(bio_warn, latency_losses.get("blockio")),
+            "pods": self.pods.summary(),
             "findings": findings,
             "files": files,
             "warnings": warnings,

@@ -105,6 +105,10 @@ def test_events_of_a_process_in_a_kubelet_cgroup_carry_its_pod_and_container(tmp
     assert events["connect"] and events["udp_flow"], events
     for event in events["connect"] + events["udp_flow"]:
         cgroups.check(event)
+    row = next(p for p in bundle.summary["pods"]["pods"] if p["pod_uid"] == cgroups.pod_uid)
+    assert row["qos"] == "besteffort" and row["containers"] == [cgroups.container_id]
+    assert row["tcp_connects"] == 1 and row["tcp_connects_failed"] == 0
+    assert row["events"] == sum(1 for e in bundle.events if (e.get("k8s") or {}).get("pod_uid") == cgroups.pod_uid)
 
 
 def test_a_cgroup_created_used_and_removed_inside_the_window_still_resolves(tmp_path):

@@ -66,12 +66,10 @@ class Entry:
                 "nat": self.nat, "mark": self.mark, "zone": self.zone}
 
 
-def _udp_state(status: int, proc_flags: str = "") -> str:
-    if status & IPS_ASSURED or "[ASSURED]" in proc_flags:
+def _udp_state(status: int) -> str:
+    if status & IPS_ASSURED:
         return "ASSURED"
-    if status & IPS_SEEN_REPLY or (proc_flags and "[UNREPLIED]" not in proc_flags):
-        return "REPLIED"
-    return "UNREPLIED"
+    return "REPLIED" if status & IPS_SEEN_REPLY else "UNREPLIED"
 
 
 def _addr(text: str) -> str:
@@ -91,7 +89,9 @@ def parse_proc_line(line: str, netns: int = 0) -> Entry | None:
     if len(src) < 2 or len(dst) < 2 or len(sport) < 2 or len(dport) < 2:
         return None
     named = dict(keyed)
-    state = fields[5] if fields[2] == "tcp" else _udp_state(0, " ".join(f for f in fields if f.startswith("[")))
+    # /proc shows the status bits as flags: [UNREPLIED] until a reply, [ASSURED] once both ways were seen
+    status = (0 if "[UNREPLIED]" in fields else IPS_SEEN_REPLY) | (IPS_ASSURED if "[ASSURED]" in fields else 0)
+    state = fields[5] if fields[2] == "tcp" else _udp_state(status)
     mark, zone = named.get("mark"), named.get("zone")
     return Entry(fields[2], (_addr(src[0]), sport[0], _addr(dst[0]), dport[0]),
                  (_addr(src[1]), sport[1], _addr(dst[1]), dport[1]), state,

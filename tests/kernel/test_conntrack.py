@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from ktrace.schemas import validate_bundle
 from tests.helpers import record_during
 
 NATTRAFFIC = str(Path(__file__).resolve().parent / "nattraffic.py")
@@ -74,6 +75,8 @@ def test_tcp_events_through_a_dnat_carry_the_reply_tuple_of_the_backend(tmp_path
     tcp = next(t for t in translations if t["protocol"] == "tcp" and t["original"] == f"{VIP}:{TCP_VIP}")
     assert tcp["translated"] == f"{BACKEND}:{TCP_BACKEND}" and tcp["nat"] == "dnat"
     assert tcp["connections"] >= 1 and tcp["processes"]
+    assert bundle.summary["nat"]["reads"]["failed"] == 0
+    assert validate_bundle({k: v for k, v in bundle.paths.items() if k != "bundle.tgz"}) == []
 
 
 def test_a_udp_flow_through_a_dnat_carries_its_entry(tmp_path, nat_netns):

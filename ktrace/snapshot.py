@@ -20,6 +20,7 @@ from ktrace import __version__, capture, libbpf, node, probes
 from ktrace.analyze.summary import LOSS_KINDS, Summary
 from ktrace.bundle import Bundle, check_out_dir
 from ktrace.enrich.cgroup import CgroupPaths, annotate_oom
+from ktrace.enrich.conntrack import ANNOTATED_TYPES, Annotator, ConntrackReader
 from ktrace.enrich.identity import Identity
 from ktrace.errors import ExitStatus, NoBTF, NotPrivileged
 from ktrace.events import generated, latency
@@ -52,6 +53,7 @@ class SnapshotOptions:
     ring_bytes: int = 8 << 20
     skip_hooks: frozenset[str] = frozenset()  # --skip-hook: alternatives treated as unavailable
     with_args: bool = False  # --with-args: exec events carry the arguments
+    with_conntrack: bool = False  # --with-conntrack: TCP and UDP flow events carry their conntrack entry
     sched_warn_s: float = capture.SCHED_WARN_S
     bio_warn_s: float = capture.BIO_WARN_S
     quiet: bool = False
@@ -68,6 +70,7 @@ class SnapshotOptions:
             "ring_bytes": self.ring_bytes, "with_dns_names": "dns_names" in self.families,
             "skip_hooks": sorted(self.skip_hooks), "with_args": self.with_args,
             "sched_warn_ms": round(self.sched_warn_s * 1e3, 3), "bio_warn_ms": round(self.bio_warn_s * 1e3, 3),
+            "with_conntrack": self.with_conntrack,
         }
 
 
@@ -125,7 +128,8 @@ class _Stop:
 class _Recorder:
     """Decode → pair and merge → summarize → write, for every record of the window."""
 
-    def __init__(self, decoder: Decoder, bundle: Bundle, summary: Summary, dns_timeout_ns: int) -> None:
+    def __init__(self, decoder: Decoder, bundle: Bundle, summary: Summary, dns_timeout_ns: int,
+                 conntrack: Annotator | None = None) -> None:
         self.decoder = decoder
         self.bundle = bundle
         self.summary = summary
@@ -139,6 +143,7 @@ class _Recorder:
         # every task block gets its cgroup path and pod: resolved once per block, cached with it by the decoder
         self.identity = Identity(self.cgroups)
         decoder.identity = self.identity.of
+        self.conntrack = conntrack
 
     def _account(self, event: dict, number: int | None) -> None:
         family, weight = family_and_weight(event)
@@ -163,6 +168,8 @@ class _Recorder:
             kind = event["type"]
             if kind == "udp_flow":
                 self.add_flow(event)
+            elif self.conntrack is not None and kind in ANNOTATED_TYPES:
+                self.write_annotated(event)
             elif kind == "dns_query" or kind == "dns_reply":
                 self.dns.add(event)
             elif kind == "cgroup_mkdir":  # before any event of a task in the new cgroup: the ring keeps order
@@ -173,6 +180,20 @@ class _Recorder:
             else:
                 account(event, write(line))
 
+    def write_annotated(self, event: dict) -> None:
+        """--with-conntrack: a TCP event with its conntrack entry, or held back until the reader's next round."""
+        assert self.conntrack is not None
+        if self.conntrack.annotate(event):
+            self.write_event(event)
+        else:
+            for held in self.conntrack.hold(event):
+                self.write_event(held)
+
+    def write_conntrack_ready(self, window_end: bool = False) -> None:
+        if self.conntrack is not None:
+            for event in self.conntrack.ready(window_end):
+                self.write_event(event)
+
     def add_flow(self, event: dict) -> None:
         self.flows.add(event)
         if self.flows.full:
@@ -180,6 +201,8 @@ class _Recorder:
 
     def write_flows(self) -> None:
         for flow in self.flows.take():
+            if self.conntrack is not None:
+                self.conntrack.annotate(flow, final=True)  # flows are written late: their entry has been read
             self.write_event(flow)
 
     def write_histograms(self, raw: dict[str, list], now_boot_ns: int) -> None:
@@ -191,6 +214,7 @@ class _Recorder:
 
     def tick(self, now_boot_ns: int) -> None:
         self.dns.expire(now_boot_ns)
+        self.write_conntrack_ready()
 
     @property
     def events(self) -> int:
@@ -227,10 +251,14 @@ def run(opts: SnapshotOptions) -> SnapshotResult:
     decoder = Decoder(offset_start, kernel_reset_reasons(probes.vmlinux_btf()),
                       kernel_drop_reasons(probes.vmlinux_btf()))
     summary = Summary()
-    recorder = _Recorder(decoder, bundle, summary, int(opts.dns_timeout_s * 1e9))
+    reader = ConntrackReader() if opts.with_conntrack else None
+    annotator = Annotator(reader) if reader is not None else None
+    recorder = _Recorder(decoder, bundle, summary, int(opts.dns_timeout_s * 1e9), annotator)
     live = opts.status.isatty() and not opts.quiet
     ended_by = "duration"
     try:
+        if reader is not None:
+            reader.start()  # the first read is synchronous: entries that predate the window are known at once
         if opts.ready_file:
             opts.ready_file.write_text(f"{os.getpid()}\n")
         with _Stop() as stop:
@@ -262,6 +290,9 @@ def run(opts: SnapshotOptions) -> SnapshotResult:
             counters = cap.counters()
             process_counts = cap.process_counts()
             recorder.records(cap.drain())
+            if reader is not None:
+                reader.stop()  # joins the thread and reads once more: the window's last connections
+                recorder.write_conntrack_ready(window_end=True)
             recorder.records(cap.flows())
             recorder.write_flows()
             drop_counts = cap.drop_counts()
@@ -284,8 +315,14 @@ def run(opts: SnapshotOptions) -> SnapshotResult:
         bundle.abandon()
         raise
     finally:
+        if reader is not None:
+            reader.stop_thread()
         cap.close()
 
+    if reader is not None:
+        for warning in reader.warnings:
+            opts.status.write(f"ktrace: warning: {warning}\n")
+        warnings += reader.warnings
     events_file = bundle.close_events()
     written, disk_full = recorder.written, Counter()
     if bundle.truncated:
@@ -341,6 +378,7 @@ def run(opts: SnapshotOptions) -> SnapshotResult:
             "sampled_out", 0) - k.get("ringbuf_full", 0)
     doc = summary.build(meta=meta, losses=losses, probes=probe_table, udp_map=udp_map, process_counts=process_counts,
                         drops_map=drops_map, latency_losses=latency_losses,
+                        nat=annotator.nat_summary(reader.reads, len(reader.table)) if annotator else None,
                         files={"events": events_file, "node": node_file}, warnings=warnings)
     bundle.write_json("summary.json", doc)
     bundle.write_tgz()

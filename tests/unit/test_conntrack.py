@@ -1,0 +1,119 @@
+"""ktrace.enrich.conntrack: parsing, the table, NAT kinds, held-back events and the nat section (no kernel)."""
+
+from __future__ import annotations
+
+from ktrace.enrich.conntrack import Annotator, ConntrackTable, Entry, parse_proc_line
+
+TCP_LINE = ("ipv4     2 tcp      6 119 TIME_WAIT src=10.96.0.10 dst=10.96.0.10 sport=46280 dport=80 src=10.77.0.1 "
+            "dst=10.96.0.10 sport=8080 dport=46280 [ASSURED] mark=0 zone=0 use=2")
+UDP_LINE = ("ipv4     2 udp      17 29 src=10.96.0.10 dst=10.96.0.10 sport=48624 dport=53 [UNREPLIED] src=10.77.0.1 "
+            "dst=10.96.0.10 sport=5353 dport=48624 mark=0 zone=0 use=2")
+
+
+def entry(orig, reply, proto="tcp", netns=1) -> Entry:
+    return Entry(proto, orig, reply, "ESTABLISHED", 0, 0, netns)
+
+
+class FakeReader:
+    """The reader's capture-loop side, with rounds moved by hand."""
+
+    def __init__(self) -> None:
+        self.table = ConntrackTable()
+        self.rounds_started = self.rounds_done = 1
+        self.noted: list[tuple[int, int]] = []
+
+    def note(self, netns: int, pid: int) -> None:
+        self.noted.append((netns, pid))
+
+    def lookup(self, *key):
+        return self.table.lookup(*key)
+
+
+def tcp_event(saddr="10.96.0.10", sport=46280, daddr="10.96.0.10", dport=80, kind="tcp_state") -> dict:
+    return {"type": kind, "pid": 7, "comm": "curl", "netns": 1, "saddr": saddr, "sport": sport, "daddr": daddr,
+            "dport": dport, "protocol": "tcp"}
+
+
+def test_a_proc_line_parses_into_both_tuples_with_state_mark_and_zone():
+    e = parse_proc_line(TCP_LINE, netns=5)
+    assert e == Entry("tcp", ("10.96.0.10", 46280, "10.96.0.10", 80), ("10.77.0.1", 8080, "10.96.0.10", 46280),
+                      "TIME_WAIT", 0, 0, 5)
+    assert e.nat == "dnat"
+
+
+def test_a_udp_proc_line_without_a_reply_is_unreplied():
+    assert parse_proc_line(UDP_LINE).state == "UNREPLIED"
+    assert parse_proc_line(UDP_LINE.replace("[UNREPLIED] ", "")).state == "REPLIED"
+
+
+def test_other_protocols_are_skipped():
+    assert parse_proc_line("ipv4 2 icmp 1 29 src=1.1.1.1 dst=2.2.2.2 type=8 code=0 id=1 src=2.2.2.2 dst=1.1.1.1 "
+                           "type=0 code=0 id=1 mark=0 use=1") is None
+
+
+def test_nat_kinds():
+    assert entry(("a", 1, "b", 2), ("b", 2, "a", 1)).nat is None
+    assert entry(("a", 1, "vip", 80), ("be", 8080, "a", 1)).nat == "dnat"
+    assert entry(("a", 1, "b", 2), ("b", 2, "gw", 9)).nat == "snat"
+    assert entry(("a", 1, "vip", 80), ("be", 8080, "gw", 9)).nat == "both"
+
+
+def test_the_table_matches_either_direction_and_prefers_the_events_namespace():
+    table = ConntrackTable()
+    mine = entry(("c", 1, "vip", 80), ("be", 8080, "c", 1), netns=1)
+    other = entry(("c", 1, "vip", 80), ("x", 9, "c", 1), netns=2)
+    table.update([mine, other])
+    assert table.lookup("tcp", "c", 1, "vip", 80, 1) is mine
+    assert table.lookup("tcp", "be", 8080, "c", 1, 1) is mine
+    assert table.lookup("tcp", "c", 1, "vip", 80, 2) is other
+    assert table.lookup("udp", "c", 1, "vip", 80, 1) is None
+
+
+def test_the_table_is_bounded():
+    table = ConntrackTable(max_entries=2)
+    table.update(entry(("c", port, "s", 80), ("s", 80, "c", port)) for port in range(1, 5))
+    assert len(table) == 2 and table.full
+
+
+def test_an_event_that_misses_waits_for_a_round_that_started_after_it():
+    reader = FakeReader()
+    annotator = Annotator(reader)
+    event = tcp_event()
+    assert not annotator.annotate(event)
+    assert annotator.hold(event) == []
+    reader.table.update([parse_proc_line(TCP_LINE, netns=1)])
+    reader.rounds_done = 1  # the round running when the event came: may have missed it
+    assert annotator.ready() == []
+    reader.rounds_started = reader.rounds_done = 2
+    (written,) = annotator.ready()
+    assert written["conntrack"] == {"state": "TIME_WAIT", "nat": "dnat", "mark": 0, "zone": 0,
+                                    "reply": {"saddr": "10.77.0.1", "sport": 8080, "daddr": "10.96.0.10",
+                                              "dport": 46280}}
+    assert reader.noted == [(1, 7), (1, 7)]
+
+
+def test_at_the_window_end_every_held_event_is_written_null_if_unmatched():
+    annotator = Annotator(FakeReader())
+    event = tcp_event(sport=1)
+    annotator.annotate(event)
+    annotator.hold(event)
+    assert annotator.ready(window_end=True) == [event] and event["conntrack"] is None
+    assert annotator.unmatched == 1
+
+
+def test_events_without_a_peer_are_not_looked_up():
+    event = tcp_event(daddr="0.0.0.0", dport=0)
+    assert Annotator(FakeReader()).annotate(event) and event["conntrack"] is None
+
+
+def test_the_nat_section_lists_vip_to_backend_with_processes():
+    reader = FakeReader()
+    reader.table.update([parse_proc_line(TCP_LINE, netns=1)])
+    annotator = Annotator(reader)
+    for kind in ("connect", "tcp_state"):
+        assert annotator.annotate(tcp_event(kind=kind))
+    nat = annotator.nat_summary({"netlink": 1, "proc": 0, "failed": 0}, len(reader.table))
+    assert nat["translations"] == [{"protocol": "tcp", "original": "10.96.0.10:80", "translated": "10.77.0.1:8080",
+                                    "nat": "dnat", "connections": 1, "events": 2,
+                                    "processes": [{"pid": 7, "comm": "curl"}]}]
+    assert nat["events_annotated"] == 2 and nat["entries"] == 1

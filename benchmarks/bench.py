@@ -385,27 +385,18 @@ def report(kind: str, n: int, runs: list[Run]) -> dict[str, object]:
     summary: dict[str, object] = {
         f"{name}_ratio": statistics.median(per_rep_ratios(runs, name, ALONE)) for name in names if name != ALONE
     }
-    if TCPSTATES_CFG in names:
-        vs = per_rep_ratios(runs, KTRACE, TCPSTATES_CFG)
-        summary["ktrace_vs_tcpstates"] = statistics.median(vs)
-        print(
-            f"ktrace ratio / tcpstates ratio (per rep, median): {statistics.median(vs):.3f} "
-            f"({min(vs):.3f}–{max(vs):.3f})"
-        )
-    if KTRACE_SYSCALLS in names:
-        vs = per_rep_ratios(runs, KTRACE_SYSCALLS, KTRACE)
-        summary["syscalls_vs_sock_length"] = statistics.median(vs)
-        print(
-            f"ktrace on the syscall tracepoints / on sock_*_length (per rep, median): {statistics.median(vs):.3f} "
-            f"({min(vs):.3f}–{max(vs):.3f})"
-        )
-    if KTRACE_NO_SCHED in names:
-        vs = per_rep_ratios(runs, KTRACE, KTRACE_NO_SCHED)
-        summary["with_vs_without_sched"] = statistics.median(vs)
-        print(
-            f"ktrace with sched / without sched (per rep, median): {statistics.median(vs):.3f} "
-            f"({min(vs):.3f}–{max(vs):.3f})"
-        )
+    # pairs of configs compared rep by rep: (numerator, denominator, summary key, what the ratio says)
+    comparisons = (
+        (KTRACE, TCPSTATES_CFG, "ktrace_vs_tcpstates", "ktrace ratio / tcpstates ratio"),
+        (KTRACE_SYSCALLS, KTRACE, "syscalls_vs_sock_length", "ktrace on the syscall tracepoints / on sock_*_length"),
+        (KTRACE, KTRACE_NO_SCHED, "with_vs_without_sched", "ktrace with sched / without sched"),
+    )
+    for numerator, denominator, key, label in comparisons:
+        if numerator not in names or denominator not in names:
+            continue
+        vs = per_rep_ratios(runs, numerator, denominator)
+        summary[key] = statistics.median(vs)
+        print(f"{label} (per rep, median): {statistics.median(vs):.3f} ({min(vs):.3f}–{max(vs):.3f})")
     print(
         "CPU s/run: tracer utime+stime from start to exit; CPU s attached: from attach to exit "
         "(drain and bundle included); µs CPU/event = CPU attached / events written."

@@ -15,24 +15,27 @@ $(error Architecture $(ARCH) is not supported yet)
 endif
 
 .DELETE_ON_ERROR:
-.PHONY: help setup bpf generate vmlinux test test-unit bench lint clean
+.PHONY: help setup bpf generate proto vmlinux test test-unit bench lint clean
 
 help:
 	@echo "setup     install what ktrace and its tests need (apt: libbpf1 iproute2 nftables; pip: -e .[test])"
 	@echo "bpf       compile and strip the CO-RE objects into ktrace/bpf/, record source hashes"
 	@echo "generate  regenerate ktrace/events/generated.py from the objects' BTF"
+	@echo "proto     regenerate ktrace/cri/cri_pb2.py from ktrace/cri/cri.proto (grpcio-tools)"
 	@echo "vmlinux   regenerate $(VMLINUX) from /sys/kernel/btf/vmlinux"
 	@echo "test      run every test (kernel tests need root)"
 	@echo "bench     overhead benchmark: TCP churn and UDP round trips alone, under ktrace, under tcpstates"
 	@echo "lint      ruff"
 
-# Run-time needs: libbpf.so.1 (ctypes), iproute2 and nftables (tests make namespaces and drop SYNs),
-# setpriv (tests drop capabilities). The BPF objects are prebuilt: no compiler is needed.
+# Run-time needs: libbpf.so.1 (ctypes). Tests also need iproute2 and nftables (namespaces, dropped SYNs),
+# setpriv (dropped capabilities), and containerd, runc, umoci and busybox-static (real pods from an image
+# built offline). The BPF objects and the CRI bindings are prebuilt: no compiler is needed.
 setup:
 	@if ! ldconfig -p | grep -q 'libbpf.so.1 ' || ! command -v nft >/dev/null || ! command -v ip >/dev/null \
-		|| ! command -v setpriv >/dev/null; then \
-		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
-			libbpf1 iproute2 nftables util-linux >/dev/null; \
+		|| ! command -v setpriv >/dev/null || ! command -v containerd >/dev/null || ! command -v runc >/dev/null \
+		|| ! command -v umoci >/dev/null || ! test -x /bin/busybox; then \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+			libbpf1 iproute2 nftables util-linux containerd runc umoci busybox-static >/dev/null; \
 	fi
 	$(PYTHON) -m pip install --quiet --disable-pip-version-check -e '.[test]'
 
@@ -46,6 +49,9 @@ ktrace/bpf/%.bpf.o: bpf/%.bpf.c $(BPF_HDR) $(VMLINUX)
 
 generate:
 	$(PYTHON) -m ktrace.build generate
+
+proto:
+	$(PYTHON) -m grpc_tools.protoc -Iktrace/cri --python_out=ktrace/cri ktrace/cri/cri.proto
 
 vmlinux:
 	$(BPFTOOL) btf dump file /sys/kernel/btf/vmlinux format c > $(VMLINUX).tmp

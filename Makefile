@@ -33,7 +33,7 @@ help:
 setup:
 	@if ! ldconfig -p | grep -q 'libbpf.so.1 ' || ! command -v nft >/dev/null || ! command -v ip >/dev/null \
 		|| ! command -v setpriv >/dev/null || ! command -v containerd >/dev/null || ! command -v runc >/dev/null \
-		|| ! command -v umoci >/dev/null || ! test -x /bin/busybox; then \
+		|| ! command -v umoci >/dev/null || ! dpkg -s busybox-static >/dev/null 2>&1; then \
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
 			libbpf1 iproute2 nftables util-linux containerd runc umoci busybox-static >/dev/null; \
 	fi

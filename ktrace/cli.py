@@ -191,6 +191,12 @@ def cli() -> None:
                    "namespace and of the namespaces events show, every 2s: tcp_state, connect and udp_flow events "
                    "carry their entry (state, reply tuple, NAT) and summary.json lists the NAT translations seen "
                    "(Service VIP:port → backend:port).")
+@click.option("--with-cri/--without-cri", "with_cri", default=None,
+              help="Name pods and containers by asking the container runtime over its CRI socket (one query per "
+                   "container, never per event); else from kubelet's log files. [default: when a socket is found]")
+@click.option("--cri-socket", type=click.Path(path_type=Path, dir_okay=False), default=None,
+              help="The runtime's CRI socket. [default: the first of /run/containerd/containerd.sock, "
+                   "/run/crio/crio.sock, /run/k3s/containerd/containerd.sock, /run/cri-dockerd.sock that exists]")
 @click.option("--sched-warn", type=Duration(), default="10ms", show_default=True,
               help="A run-queue wait longer than this is recorded as a runq_latency event (every wait is counted "
                    "in the kernel's per-cgroup histogram); a cgroup whose p99 is over it is a finding.")
@@ -207,8 +213,9 @@ def cli() -> None:
 def snapshot(duration: float, out_dir: Path, node: str | None, ports: tuple[int, ...] | None, dns_only: bool,
              dns_ports: tuple[int, ...], dns_timeout: float, udp_flows: int, sample: int, max_events: int | None,
              max_bytes: int | None, families: tuple[str, ...] | None, skip_hooks: tuple[tuple[str, ...], ...],
-             with_connect_latency: bool, with_dns_names: bool, with_args: bool, with_conntrack: bool, sched_warn: float,
-             bio_warn: float, ring_size: int, ready_file: Path | None, verbose: int, quiet: bool) -> int:
+             with_connect_latency: bool, with_dns_names: bool, with_args: bool, with_conntrack: bool,
+             with_cri: bool | None, cri_socket: Path | None, sched_warn: float, bio_warn: float, ring_size: int,
+             ready_file: Path | None, verbose: int, quiet: bool) -> int:
     """Record TCP, UDP, DNS, process, OOM, scheduler, disk and packet-drop activity for a fixed window and write
     a bundle.
 
@@ -228,6 +235,7 @@ def snapshot(duration: float, out_dir: Path, node: str | None, ports: tuple[int,
       sudo ktrace --duration=60s --dns-only --with-dns-names
       sudo ktrace --duration=60s --skip-hook='tp_btf/sock_{send,recv}_length'
       sudo ktrace --duration=30s --with-conntrack
+      sudo ktrace --duration=30s --cri-socket=/run/k3s/containerd/containerd.sock
     """
     from ktrace.snapshot import SnapshotOptions, run
 
@@ -251,7 +259,8 @@ def snapshot(duration: float, out_dir: Path, node: str | None, ports: tuple[int,
                            sample=sample, max_events=max_events, max_bytes=max_bytes, families=selected,
                            ring_bytes=ring, skip_hooks=frozenset(label for labels in skip_hooks for label in labels),
                            quiet=quiet, ready_file=ready_file, with_args=with_args, sched_warn_s=sched_warn,
-                           bio_warn_s=bio_warn, with_conntrack=with_conntrack)
+                           bio_warn_s=bio_warn, with_conntrack=with_conntrack, with_cri=with_cri,
+                           cri_socket=cri_socket)
     result = run(opts)
     if not quiet:
         s = result.summary

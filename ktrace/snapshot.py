@@ -21,7 +21,8 @@ from ktrace.analyze.summary import LOSS_KINDS, Summary
 from ktrace.bundle import Bundle, check_out_dir
 from ktrace.enrich.cgroup import CgroupPaths, annotate_oom
 from ktrace.enrich.conntrack import ANNOTATED_TYPES, Annotator, ConntrackReader
-from ktrace.enrich.identity import Identity
+from ktrace.enrich.containers import ContainerNames, find_socket
+from ktrace.enrich.identity import ContainerLookup, Identity
 from ktrace.errors import ExitStatus, NoBTF, NotPrivileged
 from ktrace.events import generated, latency
 from ktrace.events.decode import SCHEMA_VERSION, Decoder, family_and_weight, kernel_reset_reasons
@@ -54,6 +55,8 @@ class SnapshotOptions:
     skip_hooks: frozenset[str] = frozenset()  # --skip-hook: alternatives treated as unavailable
     with_args: bool = False  # --with-args: exec events carry the arguments
     with_conntrack: bool = False  # --with-conntrack: TCP and UDP flow events carry their conntrack entry
+    with_cri: bool | None = None  # --with-cri/--without-cri: ask the runtime for pod names; None: when a socket exists
+    cri_socket: Path | None = None  # --cri-socket: the runtime's CRI socket instead of the auto-detected one
     sched_warn_s: float = capture.SCHED_WARN_S
     bio_warn_s: float = capture.BIO_WARN_S
     quiet: bool = False
@@ -70,7 +73,8 @@ class SnapshotOptions:
             "ring_bytes": self.ring_bytes, "with_dns_names": "dns_names" in self.families,
             "skip_hooks": sorted(self.skip_hooks), "with_args": self.with_args,
             "sched_warn_ms": round(self.sched_warn_s * 1e3, 3), "bio_warn_ms": round(self.bio_warn_s * 1e3, 3),
-            "with_conntrack": self.with_conntrack,
+            "with_conntrack": self.with_conntrack, "with_cri": self.with_cri,
+            "cri_socket": str(self.cri_socket) if self.cri_socket else None,
         }
 
 
@@ -129,7 +133,7 @@ class _Recorder:
     """Decode → pair and merge → summarize → write, for every record of the window."""
 
     def __init__(self, decoder: Decoder, bundle: Bundle, summary: Summary, dns_timeout_ns: int,
-                 conntrack: Annotator | None = None) -> None:
+                 conntrack: Annotator | None = None, containers: ContainerLookup | None = None) -> None:
         self.decoder = decoder
         self.bundle = bundle
         self.summary = summary
@@ -141,7 +145,7 @@ class _Recorder:
         self.flows = UdpFlows()
         self.cgroups = CgroupPaths()
         # every task block gets its cgroup path and pod: resolved once per block, cached with it by the decoder
-        self.identity = Identity(self.cgroups)
+        self.identity = Identity(self.cgroups, containers=containers)
         decoder.identity = self.identity.of
         self.conntrack = conntrack
 
@@ -240,8 +244,15 @@ def run(opts: SnapshotOptions) -> SnapshotResult:
                                    map_sizes={**capture.DEFAULT_MAP_SIZES, "udp_flows": opts.udp_flows},
                                    skip_hooks=opts.skip_hooks, with_args=opts.with_args,
                                    sched_warn_ns=int(opts.sched_warn_s * 1e9), bio_warn_ns=int(opts.bio_warn_s * 1e9))
-    cap = capture.load(config)
+    names = _container_names(opts)
+    names.start()  # the runtime is asked while the probes load
+    try:
+        cap = capture.load(config)
+    finally:
+        names.wait()
     warnings = [f"{row.family}: no working probe ({row.reason})" for row in cap.table if row.status != "ok"]
+    warnings += names.warnings
+    names_warned = len(names.warnings)
     for warning in warnings:
         opts.status.write(f"ktrace: warning: {warning}\n")
 
@@ -253,7 +264,7 @@ def run(opts: SnapshotOptions) -> SnapshotResult:
     summary = Summary()
     reader = ConntrackReader() if opts.with_conntrack else None
     annotator = Annotator(reader) if reader is not None else None
-    recorder = _Recorder(decoder, bundle, summary, int(opts.dns_timeout_s * 1e9), annotator)
+    recorder = _Recorder(decoder, bundle, summary, int(opts.dns_timeout_s * 1e9), annotator, names.lookup)
     live = opts.status.isatty() and not opts.quiet
     ended_by = "duration"
     try:
@@ -318,7 +329,12 @@ def run(opts: SnapshotOptions) -> SnapshotResult:
         if reader is not None:
             reader.stop_thread()
         cap.close()
+        cri = names.report()
+        names.close()
 
+    for warning in names.warnings[names_warned:]:
+        opts.status.write(f"ktrace: warning: {warning}\n")  # the runtime stopped answering during the window
+        warnings.append(warning)
     if reader is not None:
         for warning in reader.warnings:
             opts.status.write(f"ktrace: warning: {warning}\n")
@@ -378,12 +394,24 @@ def run(opts: SnapshotOptions) -> SnapshotResult:
             "sampled_out", 0) - k.get("ringbuf_full", 0)
     doc = summary.build(meta=meta, losses=losses, probes=probe_table, udp_map=udp_map, process_counts=process_counts,
                         drops_map=drops_map, latency_losses=latency_losses,
-                        nat=annotator.nat_summary(reader.reads, len(reader.table)) if annotator else None,
+                        nat=annotator.nat_summary(reader.reads, len(reader.table)) if annotator else None, cri=cri,
                         files={"events": events_file, "node": node_file}, warnings=warnings)
     bundle.write_json("summary.json", doc)
     bundle.write_tgz()
     status = ExitStatus.DEGRADED if degraded else ExitStatus.SUCCESS
     return SnapshotResult(status, dict(bundle.paths), doc)
+
+
+def _container_names(opts: SnapshotOptions) -> ContainerNames:
+    """Where pod and container names come from: the CRI socket given, found, or none (kubelet's files only)."""
+    if opts.with_cri is False:
+        return ContainerNames(None)
+    socket = opts.cri_socket or find_socket()
+    names = ContainerNames(socket)
+    if socket is None and opts.with_cri:
+        names.warnings.append("--with-cri: no CRI socket found (give --cri-socket); pod names from kubelet's log "
+                              "files only")
+    return names
 
 
 def _rfc3339(t: float) -> str:

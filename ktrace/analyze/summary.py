@@ -46,11 +46,13 @@ class Summary:
 
     def build(self, *, meta: dict, losses: dict[str, dict[str, int]], probes: list[dict], files: dict,
               warnings: list[str], udp_map: dict | None = None, process_counts: dict | None = None,
-              drops_map: dict | None = None, latency_losses: dict | None = None, nat: dict | None = None) -> dict:
+              drops_map: dict | None = None, latency_losses: dict | None = None, nat: dict | None = None,
+              cri: dict | None = None) -> dict:
         """What only the kernel maps knew, none of it known offline: udp_map, drops_map: those maps' sizes and
         use, when their families ran; process_counts: what the process family counted without events;
         latency_losses: per section (sched, blockio), the losses counted apart from the family counters;
-        nat: with --with-conntrack, the translations conntrack showed on the window's events (else None)."""
+        nat: with --with-conntrack, the translations conntrack showed on the window's events (else None);
+        cri: where pod and container names came from (ktrace.enrich.containers), None when not recorded."""
         options = meta.get("options", {})
         sched_warn, bio_warn = options.get("sched_warn_ms"), options.get("bio_warn_ms")
         findings = (self.dns.findings(options.get("dns_timeout_s")) + self.lookups.findings()
@@ -88,6 +90,7 @@ class Summary:
             "blockio": self.latency.blockio_summary(bio_warn, latency_losses.get("blockio")),
             "pods": self.pods.summary(),
             "nat": nat,
+            "cri": cri,
             "findings": findings,
             "files": files,
             "warnings": warnings,

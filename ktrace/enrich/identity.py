@@ -21,8 +21,10 @@ MAX_ENTRIES = 16384  # cached (cgroup_id, memcg_id) pairs
 ROOT_CGROUP_ID = 1  # the kernfs id of every hierarchy's root
 NO_K8S = None
 
-# What the container runtime knows of a container id: {namespace, pod, container}, or None.
-ContainerLookup = Callable[[str], "dict | None"]
+# (pod UID, container id or None) → {namespace, pod, container, image}, None where unknown
+# (ktrace.enrich.containers.ContainerNames.lookup)
+ContainerLookup = Callable[[str, "str | None"], dict]
+UNNAMED = {"namespace": None, "pod": None, "container": None, "image": None}
 
 
 class Identity:
@@ -59,11 +61,15 @@ class Identity:
         pod = k8s.parse_cgroup_path(path) if path else None
         if pod is None:
             return NO_K8S
-        known = self.containers(pod["container_id"]) if self.containers and pod["container_id"] else None
-        return {**pod, "namespace": None, "pod": None, "container": None, **(known or {})}
+        names = self.containers(pod["pod_uid"], pod["container_id"]) if self.containers else UNNAMED
+        return {**pod, **names}
 
     def add_mkdir(self, event: dict) -> None:
         """A cgroup_mkdir event: remember the new cgroup's path, in the hierarchy CgroupPaths knows it by."""
         hierarchy = self.hierarchies.get(event["hierarchy_id"])
         if hierarchy in ("memory", "unified"):
             self.paths.add(hierarchy, event["new_cgroup_id"], event["new_cgroup_path"])
+            if self.containers:  # a new container: named now, while the runtime still knows it
+                pod = k8s.parse_cgroup_path(event["new_cgroup_path"])
+                if pod is not None and pod["container_id"]:
+                    self.containers(pod["pod_uid"], pod["container_id"])

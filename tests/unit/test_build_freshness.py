@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -41,3 +42,11 @@ def test_every_event_kind_has_a_layout_and_a_probe_family():
 
     assert set(generated.LAYOUTS) == set(generated.KIND)
     assert set(generated.FAMILY.values()) <= set(probes.FAMILY_BY_NAME)
+
+
+def test_committed_cri_bindings_match_the_proto(tmp_path):
+    from grpc_tools import protoc
+
+    cri = Path(build.__file__).parent / "cri"
+    assert protoc.main(["protoc", f"-I{cri}", f"--python_out={tmp_path}", str(cri / "cri.proto")]) == 0
+    assert (tmp_path / "cri_pb2.py").read_text() == (cri / "cri_pb2.py").read_text(), "run `make proto`"

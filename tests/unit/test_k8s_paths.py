@@ -86,7 +86,7 @@ def test_a_cgroup_seen_created_resolves_without_a_walk() -> None:
     found = identity.of(1, 500)
     assert found["cgroup_path"] == f"/kubepods/besteffort/pod{UID}/{CID}"
     assert found["k8s"] == {"pod_uid": UID, "qos": "besteffort", "container_id": CID, "runtime": None,
-                            "namespace": None, "pod": None, "container": None}
+                            "namespace": None, "pod": None, "container": None, "image": None}
 
 
 def test_v1_hosts_name_the_memory_cgroup_unless_it_is_the_root() -> None:
@@ -110,11 +110,18 @@ def test_mkdir_in_other_hierarchies_is_not_taken_for_a_memory_cgroup() -> None:
 
 
 def test_the_container_lookup_names_namespace_pod_and_container() -> None:
-    names = {CID: {"namespace": "shop", "pod": "cart-7d9", "container": "cart"}}
-    identity = _identity(v1_memory=True, containers=names.get)
+    asked = []
+
+    def lookup(pod_uid: str, container_id: str | None) -> dict:
+        asked.append((pod_uid, container_id))
+        return {"namespace": "shop", "pod": "cart-7d9", "container": "cart", "image": "shop/cart:1.2"}
+
+    identity = _identity(v1_memory=True, containers=lookup)
     _mkdir(identity, 7, 500, f"/kubepods/besteffort/pod{UID}/{CID}")
+    assert asked == [(UID, CID)]  # asked when the cgroup appears, while the runtime still knows the container
     k8s = identity.of(1, 500)["k8s"]
-    assert (k8s["namespace"], k8s["pod"], k8s["container"]) == ("shop", "cart-7d9", "cart")
+    assert (k8s["namespace"], k8s["pod"], k8s["container"], k8s["image"]) == ("shop", "cart-7d9", "cart",
+                                                                               "shop/cart:1.2")
 
 
 def test_unknown_cgroups_have_no_path_and_no_pod() -> None:

@@ -37,7 +37,8 @@ def _build(summary: Summary, losses: dict | None = None) -> dict:
                          probes=recorded["probes"], files=recorded["files"], warnings=recorded["warnings"],
                          udp_map=recorded["udp"]["kernel_map"], drops_map=recorded["drops"]["kernel_map"],
                          process_counts={"threads_created": recorded["processes"]["threads_created"]},
-                         latency_losses={s: recorded[s]["kernel_losses"] for s in ("sched", "blockio")})
+                         latency_losses={s: recorded[s]["kernel_losses"] for s in ("sched", "blockio")},
+                         cri=recorded["cri"])
 
 
 def _rules(findings: list[dict]) -> list[str]:

@@ -7,6 +7,7 @@ kubepods cgroup is touched; kubelet's naming is found anywhere in the path.
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -15,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import record_during
+from tests.helpers import Ktrace, record_during
 
 V1_MEMORY = Path("/sys/fs/cgroup/memory")
 # a TCP connect to a listener of its own and a UDP datagram, both on loopback
@@ -86,7 +87,8 @@ class KubeletCgroups:
         assert event["memcg_id"] == self.id
         assert event["cgroup_path"] == self.shown
         assert event["k8s"] == {"pod_uid": self.pod_uid, "qos": "besteffort", "container_id": self.container_id,
-                                "runtime": self.runtime, "namespace": None, "pod": None, "container": None}
+                                "runtime": self.runtime, "namespace": None, "pod": None, "container": None,
+                                "image": None}
 
 
 def _worker_events(bundle, pid: int) -> dict[str, list[dict]]:
@@ -136,3 +138,47 @@ def test_a_cgroup_created_used_and_removed_inside_the_window_still_resolves(tmp_
         cgroups.check(event)
     cgroups_row = bundle.summary["losses"]["by_family"]["cgroups"]
     assert cgroups_row["seen"] == cgroups_row["written"] >= 5
+
+
+class UnansweringRuntime:
+    """A CRI socket that accepts connections and never says a word (a hung runtime), or, once closed, a socket
+    file nobody listens on (a runtime that died)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.listener.bind(str(path))
+        self.listener.listen(64)  # connections wait in the backlog, unanswered
+
+    def close(self) -> None:
+        self.listener.close()  # the socket file stays: connecting to it is refused
+
+
+@pytest.mark.parametrize("runtime", ["hung", "dead"])
+def test_a_runtime_that_does_not_answer_costs_a_warning_not_the_snapshot(tmp_path, runtime):
+    unanswering = UnansweringRuntime(tmp_path / "cri.sock")
+    if runtime == "dead":
+        unanswering.close()
+    cgroups = KubeletCgroups("systemd").create()
+    try:
+        ktrace = Ktrace(tmp_path, f"--cri-socket={unanswering.path}", duration="6s").started()
+        pid = cgroups.run_worker()
+        status = ktrace.finish(timeout=60)
+    finally:
+        cgroups.remove()
+        unanswering.close()
+    assert status in (0, 3), ktrace.stderr
+    bundle = ktrace.bundle()
+    why = "DEADLINE_EXCEEDED" if runtime == "hung" else "UNAVAILABLE"
+    warnings = [w for w in bundle.summary["warnings"] if w.startswith(f"CRI socket {unanswering.path}: ")]
+    assert len(warnings) == 1 and why in warnings[0], bundle.summary["warnings"]
+    assert f"ktrace: warning: {warnings[0]}" in ktrace.stderr
+    # the window ran its full length: the runtime's deadline passed while the probes loaded, not inside the window
+    assert bundle.summary["window"]["ended_by"] == "duration"
+    assert bundle.summary["cri"] == {"socket": str(unanswering.path), "connected": False, "runtime": None,
+                                     "containers_known": 0, "pods_known": 0, "queries": 0}
+    # identity from the cgroup path alone
+    events = _worker_events(bundle, pid)
+    assert events["connect"] and events["udp_flow"], events
+    for event in events["connect"] + events["udp_flow"]:
+        cgroups.check(event)

@@ -392,9 +392,10 @@ def run(opts: SnapshotOptions) -> SnapshotResult:
         k = counters.get("udp", {})
         udp_map["datagrams_via_ring"] = k.get("seen", 0) - k.get("aggregated", 0) - k.get("filtered", 0) - k.get(
             "sampled_out", 0) - k.get("ringbuf_full", 0)
+    nat = annotator.nat_summary(reader.reads, len(reader.table), reader.pressure()) if annotator else None
     doc = summary.build(meta=meta, losses=losses, probes=probe_table, udp_map=udp_map, process_counts=process_counts,
                         drops_map=drops_map, latency_losses=latency_losses,
-                        nat=annotator.nat_summary(reader.reads, len(reader.table)) if annotator else None, cri=cri,
+                        nat=nat, cri=cri,
                         files={"events": events_file, "node": node_file}, warnings=warnings)
     bundle.write_json("summary.json", doc)
     bundle.write_tgz()

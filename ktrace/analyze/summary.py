@@ -8,6 +8,7 @@ from ktrace.analyze.dns import DnsAnalysis
 from ktrace.analyze.drops import DropAnalysis
 from ktrace.analyze.latency import LatencyAnalysis
 from ktrace.analyze.lookups import LookupAnalysis
+from ktrace.analyze.nat import conntrack_findings
 from ktrace.analyze.pods import PodAnalysis
 from ktrace.analyze.process import OomAnalysis, ProcessAnalysis
 from ktrace.analyze.tcp import TcpAnalysis
@@ -57,7 +58,8 @@ class Summary:
         sched_warn, bio_warn = options.get("sched_warn_ms"), options.get("bio_warn_ms")
         findings = (self.dns.findings(options.get("dns_timeout_s")) + self.lookups.findings()
                     + self.tcp.findings() + self.oom.findings() + self.processes.findings() + self.drops.findings()
-                    + self.latency.sched_findings(sched_warn) + self.latency.blockio_findings(bio_warn))
+                    + self.latency.sched_findings(sched_warn) + self.latency.blockio_findings(bio_warn)
+                    + conntrack_findings(nat["tables"] if nat else []))
         latency_losses = latency_losses or {}
         total = {kind: sum(f.get(kind, 0) for f in losses.values())
                  for kind in ("seen", "written", "aggregated", *LOSS_KINDS)}

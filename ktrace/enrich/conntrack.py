@@ -41,6 +41,9 @@ TCP_CT_STATES = ("NONE", "SYN_SENT", "SYN_RECV", "ESTABLISHED", "FIN_WAIT", "CLO
                  "CLOSE", "SYN_SENT2")
 
 Tuple = tuple[str, int, str, int]  # saddr, sport, daddr, dport
+# /proc/net/stat/nf_conntrack: one row per CPU; "entries" is the namespace's count, the rest are per-CPU counters
+STAT_COUNTERS = ("drop", "early_drop", "insert_failed")
+CONNTRACK_MAX = "/proc/sys/net/netfilter/nf_conntrack_max"  # the limit every namespace's count is held to
 
 
 @dataclass(frozen=True)
@@ -157,11 +160,37 @@ class ConntrackTable:
                 or self._by_tuple.get((proto, saddr, sport, daddr, dport)))
 
 
+def read_stats(path: str) -> dict[str, int]:
+    """{"entries", "drop", "early_drop", "insert_failed"} of one namespace, summed over CPUs."""
+    with open(path) as f:
+        header = f.readline().split()
+        rows = [line.split() for line in f if line.strip()]
+    column = {name: header.index(name) for name in ("entries", *STAT_COUNTERS)}
+    stats = {name: sum(int(row[column[name]], 16) for row in rows) for name in STAT_COUNTERS}
+    stats["entries"] = int(rows[0][column["entries"]], 16) if rows else 0
+    return stats
+
+
+def _read_int(path: str) -> int | None:
+    try:
+        with open(path) as f:
+            return int(f.read())
+    except (OSError, ValueError):
+        return None
+
+
 def _netns_inode(path: str) -> int | None:
     try:
         return os.stat(path).st_ino
     except OSError:
         return None
+
+
+@dataclass
+class _TableStats:
+    first: dict[str, int]  # read_stats() at the first read of the namespace
+    last: dict[str, int]  # and at the latest
+    entries_max: int
 
 
 class ConntrackReader:
@@ -181,6 +210,8 @@ class ConntrackReader:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._libc = ctypes.CDLL(None, use_errno=True)
+        self.limit = _read_int(CONNTRACK_MAX)
+        self._stats: dict[int, _TableStats] = {}  # by netns inode
 
     # --- capture loop side: cheap ---
 
@@ -226,6 +257,7 @@ class ConntrackReader:
         self.rounds_started += 1
         deadline = time.monotonic() + READ_BUDGET_S
         self._store(self._read_here(self.own_netns, "/proc/self/net/nf_conntrack"))
+        self._note_stats(self.own_netns, "/proc/self/net/stat/nf_conntrack")
         for netns, path in self._namespace_paths():
             if time.monotonic() > deadline:
                 break
@@ -275,6 +307,7 @@ class ConntrackReader:
                 self._warn(f"conntrack: setns into netns {netns} failed ({os.strerror(ctypes.get_errno())})")
                 return []
             try:
+                self._note_stats(netns, "/proc/thread-self/net/stat/nf_conntrack")
                 return self._read_here(netns, "/proc/thread-self/net/nf_conntrack")
             finally:
                 if self._libc.setns(own, CLONE_NEWNET) != 0:  # never expected; this thread must not stay inside
@@ -282,6 +315,27 @@ class ConntrackReader:
         finally:
             os.close(target)
             os.close(own)
+
+    def _note_stats(self, netns: int, path: str) -> None:
+        try:
+            now = read_stats(path)
+        except (OSError, ValueError, IndexError):  # no conntrack module (nothing to fill up), or an unknown layout
+            return
+        seen = self._stats.get(netns)
+        if seen is None:
+            self._stats[netns] = _TableStats(now, now, now["entries"])
+        else:
+            seen.last = now
+            seen.entries_max = max(seen.entries_max, now["entries"])
+
+    def pressure(self) -> list[dict]:
+        """Per namespace read: the most entries seen against the limit, and what the kernel refused meanwhile
+        (new connections dropped for a full table, early drops to make room, insert races)."""
+        rows = []
+        for netns, seen in sorted(self._stats.items()):
+            rows.append({"netns": netns, "entries_max": seen.entries_max, "limit": self.limit,
+                         **{name: seen.last[name] - seen.first[name] for name in STAT_COUNTERS}})
+        return rows
 
     def _namespace_paths(self) -> Iterator[tuple[int, str]]:
         """A way into each namespace wanted: a pid seen in it, a /run/netns name, or a /proc walk."""
@@ -443,6 +497,6 @@ class Annotator:
     def pending(self) -> int:
         return len(self._pending)
 
-    def nat_summary(self, reads: dict[str, int], entries: int) -> dict:
+    def nat_summary(self, reads: dict[str, int], entries: int, pressure: list[dict]) -> dict:
         return {**self.nat.summary(), "events_annotated": self.annotated, "events_unmatched": self.unmatched,
-                "entries": entries, "reads": dict(reads)}
+                "entries": entries, "reads": dict(reads), "tables": pressure}

@@ -98,3 +98,48 @@ def test_without_the_option_no_event_has_a_conntrack_field_and_the_summary_none(
     assert not any("conntrack" in e for e in bundle.events)
     assert bundle.summary["nat"] is None
     assert bundle.summary["options"]["with_conntrack"] is False
+
+
+CONNTRACK_MAX = Path("/proc/sys/net/netfilter/nf_conntrack_max")
+# one connection through the VIP, a pause long enough for two conntrack reads of this namespace (the baseline of
+# its counters), then 60 more while the table holds only LIMIT entries: the SYNs beyond it are dropped
+FLOOD = f"""
+import socket, time
+listener = socket.socket()
+listener.bind(("{BACKEND}", {TCP_BACKEND}))
+listener.listen(128)
+def connect():
+    s = socket.socket()
+    s.settimeout(0.2)
+    try:
+        s.connect(("{VIP}", {TCP_VIP}))
+        return s
+    except OSError:
+        s.close()
+held = [connect()]
+time.sleep(4.5)
+held += [connect() for _ in range(60)]
+print(sum(s is None for s in held))
+"""
+LIMIT = 24
+
+
+def test_a_full_conntrack_table_is_a_critical_finding(tmp_path, nat_netns):
+    before = CONNTRACK_MAX.read_text()
+    out = []
+    try:
+        CONNTRACK_MAX.write_text(str(LIMIT))  # the limit of every namespace: ours is the only one filling up
+        bundle = record_during(tmp_path, lambda: out.append(subprocess.run(
+            ["ip", "netns", "exec", nat_netns, sys.executable, "-c", FLOOD], capture_output=True, text=True,
+            check=True, timeout=120).stdout), "--with-conntrack", "--probes=tcp_state,connect")
+    finally:
+        CONNTRACK_MAX.write_text(before)
+    failed = int(out[0])
+    assert failed > 0  # the kernel did drop SYNs: the table was full
+    netns = os.stat(f"/run/netns/{nat_netns}").st_ino
+    table = next(t for t in bundle.summary["nat"]["tables"] if t["netns"] == netns)
+    assert table["limit"] == LIMIT and table["entries_max"] >= LIMIT - 1
+    assert table["drop"] + table["early_drop"] > 0
+    found = [f for f in bundle.summary["findings"] if f["rule"] == "conntrack_pressure" and f["severity"] == "critical"]
+    assert len(found) == 1 and found[0]["subject"] == table, found
+    assert validate_bundle({k: v for k, v in bundle.paths.items() if k != "bundle.tgz"}) == []

@@ -112,7 +112,7 @@ def test_the_nat_section_lists_vip_to_backend_with_processes():
     annotator = Annotator(reader)
     for kind in ("connect", "tcp_state"):
         assert annotator.annotate(tcp_event(kind=kind))
-    nat = annotator.nat_summary({"netlink": 1, "proc": 0, "failed": 0}, len(reader.table))
+    nat = annotator.nat_summary({"netlink": 1, "proc": 0, "failed": 0}, len(reader.table), [])
     assert nat["translations"] == [{"protocol": "tcp", "original": "10.96.0.10:80", "translated": "10.77.0.1:8080",
                                     "nat": "dnat", "connections": 1, "events": 2,
                                     "processes": [{"pid": 7, "comm": "curl"}]}]

@@ -589,11 +589,6 @@ class Containerd:
             except OSError:
                 return
 
-    def leftover_cgroups(self) -> list[Path]:
-        """Pod cgroups of this kit that still exist in some hierarchy (for teardown checks)."""
-        return [h / p.lstrip("/") for h in cgroup_mounts() for p in sorted(self._touched_cgroups)
-                if (h / p.lstrip("/")).exists()]
-
 
 def rmdir_retrying(path: Path, attempts: int = 40) -> bool:
     """rmdir a cgroup that has no child cgroups; True if it is gone. A cgroup whose last process is still exiting

@@ -42,6 +42,17 @@ def require_kernel() -> None:
         pytest.skip(reason)
 
 
+def require_containerd() -> None:
+    """Like require_kernel, for tests that run real pods with tests/crikit.py."""
+    from tests import crikit
+
+    reason = crikit.unavailable()
+    if reason:
+        if REQUIRE_KERNEL:
+            pytest.fail(f"containerd test cannot run: {reason} (KTRACE_REQUIRE_KERNEL=1)")
+        pytest.skip(reason)
+
+
 def wait_for(path: Path, proc: subprocess.Popen | None = None, timeout: float = 30.0) -> None:
     deadline = time.monotonic() + timeout
     while not path.exists():

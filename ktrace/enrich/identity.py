@@ -67,3 +67,11 @@ class Identity:
         hierarchy = self.hierarchies.get(event["hierarchy_id"])
         if hierarchy in ("memory", "unified"):
             self.paths.add(hierarchy, event["new_cgroup_id"], event["new_cgroup_path"])
+
+
+def owner_pod(event: dict) -> dict | None:
+    """The k8s block of the pod an event belongs to, or None: its task's, unless the task is only whoever
+    happened to be on the CPU (attribution cpu, e.g. a reset sent for a closed port), which is no owner."""
+    if event.get("attribution") == "cpu":
+        return None
+    return event.get("k8s")

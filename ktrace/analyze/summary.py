@@ -73,6 +73,9 @@ class Summary:
             })
         severity_order = {"critical": 0, "warning": 1, "info": 2}
         findings.sort(key=lambda f: severity_order.get(f["severity"], 3))
+        for f in findings:
+            # the rules know processes and endpoints; the pods come from who made the evidence events
+            f["pods"] = self.pods.pods_of(f["evidence"]["lines"])
         return {
             "schema": SCHEMA,
             **meta,
@@ -90,7 +93,7 @@ class Summary:
             "drops": self.drops.summary(drops_map),
             "sched": self.latency.sched_summary(sched_warn, latency_losses.get("sched")),
             "blockio": self.latency.blockio_summary(bio_warn, latency_losses.get("blockio")),
-            "pods": self.pods.summary(),
+            "pods": self.pods.summary(findings),
             "nat": nat,
             "cri": cri,
             "findings": findings,

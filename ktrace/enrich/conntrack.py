@@ -27,6 +27,8 @@ from collections import deque
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
+from ktrace.enrich.identity import owner_pod
+
 MAX_ENTRIES = 65536  # original tuples kept (each indexed twice); a full table takes no new entries
 MAX_NAMESPACES = 64  # network namespaces read besides ktrace's own
 REFRESH_S = 2.0
@@ -378,9 +380,11 @@ def _listdir(path: str) -> list[str]:
 
 
 class NatAnalysis:
-    """summary.json's nat section: each translation seen on an annotated event, with who used it."""
+    """summary.json's nat section: each translation seen on an annotated event, with the processes and pods that
+    used it."""
 
     MAX_TRANSLATIONS = 1000
+    MAX_USERS = 20  # processes and pods listed per translation
 
     def __init__(self) -> None:
         self._translations: dict[tuple, dict] = {}
@@ -394,12 +398,20 @@ class NatAnalysis:
         if row is None:
             if len(self._translations) >= self.MAX_TRANSLATIONS:
                 return
-            row = self._translations[key] = {"flows": set(), "events": 0, "processes": {}}
+            row = self._translations[key] = {"flows": set(), "events": 0, "processes": {}, "pods": {}}
         row["flows"].add((entry.netns, entry.orig))
         row["events"] += 1
         pid = event.get("pid")
-        if pid and len(row["processes"]) < 20:
+        if pid and len(row["processes"]) < self.MAX_USERS:
             row["processes"].setdefault(pid, event.get("comm"))
+        pod = owner_pod(event)
+        if pod is not None:
+            users = row["pods"].get(pod["pod_uid"])
+            if users is None and len(row["pods"]) < self.MAX_USERS:
+                users = row["pods"][pod["pod_uid"]] = {"pod_uid": pod["pod_uid"], "namespace": pod["namespace"],
+                                                       "pod": pod["pod"], "events": 0}
+            if users is not None:
+                users["events"] += 1
 
     def summary(self) -> dict:
         rows = []
@@ -408,6 +420,7 @@ class NatAnalysis:
                 "protocol": proto, "original": f"{_hostport(odst, odport)}", "translated": _hostport(rsrc, rsport),
                 "nat": nat, "connections": len(row["flows"]), "events": row["events"],
                 "processes": [{"pid": pid, "comm": comm} for pid, comm in sorted(row["processes"].items())],
+                "pods": sorted(row["pods"].values(), key=lambda p: (-p["events"], p["pod_uid"])),
             })
         rows.sort(key=lambda r: (-r["connections"], r["original"], r["translated"]))
         return {"translations": rows}

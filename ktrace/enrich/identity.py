@@ -73,3 +73,11 @@ class Identity:
                 pod = k8s.parse_cgroup_path(event["new_cgroup_path"])
                 if pod is not None and pod["container_id"]:
                     self.containers(pod["pod_uid"], pod["container_id"])
+
+
+def owner_pod(event: dict) -> dict | None:
+    """The k8s block of the pod an event belongs to, or None: its task's, unless the task is only whoever
+    happened to be on the CPU (attribution cpu, e.g. a reset sent for a closed port), which is no owner."""
+    if event.get("attribution") == "cpu":
+        return None
+    return event.get("k8s")

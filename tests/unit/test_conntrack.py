@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from ktrace import schemas
 from ktrace.enrich.conntrack import Annotator, ConntrackTable, Entry, parse_proc_line
+from tests.unit.conftest import fixture_summary
 
 TCP_LINE = ("ipv4     2 tcp      6 119 TIME_WAIT src=10.96.0.10 dst=10.96.0.10 sport=46280 dport=80 src=10.77.0.1 "
             "dst=10.96.0.10 sport=8080 dport=46280 [ASSURED] mark=0 zone=0 use=2")
@@ -115,5 +117,37 @@ def test_the_nat_section_lists_vip_to_backend_with_processes():
     nat = annotator.nat_summary({"netlink": 1, "proc": 0, "failed": 0}, len(reader.table), [])
     assert nat["translations"] == [{"protocol": "tcp", "original": "10.96.0.10:80", "translated": "10.77.0.1:8080",
                                     "nat": "dnat", "connections": 1, "events": 2,
-                                    "processes": [{"pid": 7, "comm": "curl"}]}]
+                                    "processes": [{"pid": 7, "comm": "curl"}], "pods": []}]
     assert nat["events_annotated"] == 2 and nat["entries"] == 1
+
+
+def _pod(n: int) -> dict:
+    return {"pod_uid": f"8f3b2c1a-4d5e-4f60-9a7b-{n:012x}", "qos": "burstable", "container_id": "c" * 64,
+            "runtime": "containerd", "namespace": "shop", "pod": f"cart-{n}", "container": "cart"}
+
+
+def test_a_translation_names_the_pods_whose_events_used_it():
+    reader = FakeReader()
+    reader.table.update([parse_proc_line(TCP_LINE, netns=1)])
+    annotator = Annotator(reader)
+    for kind, k8s, attribution in (("connect", _pod(1), "current"), ("tcp_state", _pod(1), "socket_owner"),
+                                   ("tcp_state", _pod(2), "current"),
+                                   ("tcp_state", _pod(3), "cpu")):  # pod 3 was only on the CPU
+        assert annotator.annotate({**tcp_event(kind=kind), "k8s": k8s, "attribution": attribution})
+    nat = annotator.nat_summary({"netlink": 1, "proc": 0, "failed": 0}, 1)
+    assert schemas.validate("summary", {**fixture_summary(), "nat": nat}) == []
+    (row,) = nat["translations"]
+    assert row["events"] == 4
+    assert row["pods"] == [{"pod_uid": _pod(1)["pod_uid"], "namespace": "shop", "pod": "cart-1", "events": 2},
+                           {"pod_uid": _pod(2)["pod_uid"], "namespace": "shop", "pod": "cart-2", "events": 1}]
+
+
+def test_a_translation_lists_at_most_20_pods():
+    reader = FakeReader()
+    reader.table.update([parse_proc_line(TCP_LINE, netns=1)])
+    annotator = Annotator(reader)
+    for n in range(25):
+        annotator.annotate({**tcp_event(), "k8s": _pod(n), "attribution": "current"})
+    (row,) = annotator.nat_summary({"netlink": 1, "proc": 0, "failed": 0}, 1)["translations"]
+    assert row["events"] == 25 and len(row["pods"]) == 20
+    assert {p["pod"] for p in row["pods"]} == {f"cart-{n}" for n in range(20)}  # the first ones seen

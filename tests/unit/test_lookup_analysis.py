@@ -13,6 +13,7 @@ import pytest
 from ktrace import schemas
 from ktrace.analyze import lookups
 from ktrace.analyze.lookups import LookupAnalysis
+from ktrace.analyze.pods import PodAnalysis
 from tests.unit.conftest import RECORDS, fixture_events, load_record
 
 GAI_OK = load_record("dns_lookup_getaddrinfo_ok")["expected"]
@@ -149,4 +150,6 @@ def test_findings_have_the_summary_schemas_finding_shape():
     findings = a.findings()
     assert {f["rule"] for f in findings} == {"dns_lookup_failed", "dns_lookup_slow"}
     for finding in findings:
+        # as summary.json holds them: Summary.build names the pods of their evidence lines (none here)
+        finding["pods"] = PodAnalysis().pods_of(finding["evidence"]["lines"])
         assert list(validator.iter_errors(finding)) == []

@@ -90,6 +90,12 @@ def test_event_types_in_the_schema_are_the_decoders_kinds_and_the_user_space_typ
     assert [rule["then"]["$ref"].rsplit("/", 1)[1] for rule in schema["allOf"]] == [*decoded, *user_space]
 
 
+def test_summary_counts_accept_every_event_type():
+    types = schemas.load_schema("events")["properties"]["type"]["enum"]
+    counted = schemas.load_schema("summary")["properties"]["counts"]["propertyNames"]["enum"]
+    assert sorted(counted) == sorted(types)
+
+
 def test_probe_families_in_the_schemas_are_the_registrys():
     for name in ("summary", "node"):
         defs = schemas.load_schema(name)["$defs"]

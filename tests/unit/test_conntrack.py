@@ -134,7 +134,7 @@ def test_a_translation_names_the_pods_whose_events_used_it():
                                    ("tcp_state", _pod(2), "current"),
                                    ("tcp_state", _pod(3), "cpu")):  # pod 3 was only on the CPU
         assert annotator.annotate({**tcp_event(kind=kind), "k8s": k8s, "attribution": attribution})
-    nat = annotator.nat_summary({"netlink": 1, "proc": 0, "failed": 0}, 1)
+    nat = annotator.nat_summary({"netlink": 1, "proc": 0, "failed": 0}, 1, [])
     assert schemas.validate("summary", {**fixture_summary(), "nat": nat}) == []
     (row,) = nat["translations"]
     assert row["events"] == 4
@@ -148,6 +148,6 @@ def test_a_translation_lists_at_most_20_pods():
     annotator = Annotator(reader)
     for n in range(25):
         annotator.annotate({**tcp_event(), "k8s": _pod(n), "attribution": "current"})
-    (row,) = annotator.nat_summary({"netlink": 1, "proc": 0, "failed": 0}, 1)["translations"]
+    (row,) = annotator.nat_summary({"netlink": 1, "proc": 0, "failed": 0}, 1, [])["translations"]
     assert row["events"] == 25 and len(row["pods"]) == 20
     assert {p["pod"] for p in row["pods"]} == {f"cart-{n}" for n in range(20)}  # the first ones seen

@@ -197,6 +197,9 @@ def cli() -> None:
 @click.option("--cri-socket", type=click.Path(path_type=Path, dir_okay=False), default=None,
               help="The runtime's CRI socket. [default: the first of /run/containerd/containerd.sock, "
                    "/run/crio/crio.sock, /run/k3s/containerd/containerd.sock, /run/cri-dockerd.sock that exists]")
+@click.option("--pod-logs-dir", type=click.Path(path_type=Path, file_okay=False), default=Path("/var/log/pods"),
+              show_default=True, help="kubelet's podLogsDir: pod names from its <namespace>_<pod>_<uid> directories "
+                                      "when the runtime cannot be asked.")
 @click.option("--sched-warn", type=Duration(), default="10ms", show_default=True,
               help="A run-queue wait longer than this is recorded as a runq_latency event (every wait is counted "
                    "in the kernel's per-cgroup histogram); a cgroup whose p99 is over it is a finding.")
@@ -214,7 +217,8 @@ def snapshot(duration: float, out_dir: Path, node: str | None, ports: tuple[int,
              dns_ports: tuple[int, ...], dns_timeout: float, udp_flows: int, sample: int, max_events: int | None,
              max_bytes: int | None, families: tuple[str, ...] | None, skip_hooks: tuple[tuple[str, ...], ...],
              with_connect_latency: bool, with_dns_names: bool, with_args: bool, with_conntrack: bool,
-             with_cri: bool | None, cri_socket: Path | None, sched_warn: float, bio_warn: float, ring_size: int,
+             with_cri: bool | None, cri_socket: Path | None, pod_logs_dir: Path, sched_warn: float, bio_warn: float,
+             ring_size: int,
              ready_file: Path | None, verbose: int, quiet: bool) -> int:
     """Record TCP, UDP, DNS, process, OOM, scheduler, disk and packet-drop activity for a fixed window and write
     a bundle.
@@ -260,7 +264,7 @@ def snapshot(duration: float, out_dir: Path, node: str | None, ports: tuple[int,
                            ring_bytes=ring, skip_hooks=frozenset(label for labels in skip_hooks for label in labels),
                            quiet=quiet, ready_file=ready_file, with_args=with_args, sched_warn_s=sched_warn,
                            bio_warn_s=bio_warn, with_conntrack=with_conntrack, with_cri=with_cri,
-                           cri_socket=cri_socket)
+                           cri_socket=cri_socket, pod_logs_dir=pod_logs_dir)
     result = run(opts)
     if not quiet:
         s = result.summary

@@ -21,7 +21,7 @@ from ktrace.analyze.summary import LOSS_KINDS, Summary
 from ktrace.bundle import Bundle, check_out_dir
 from ktrace.enrich.cgroup import CgroupPaths, annotate_oom
 from ktrace.enrich.conntrack import ANNOTATED_TYPES, Annotator, ConntrackReader
-from ktrace.enrich.containers import ContainerNames, find_socket
+from ktrace.enrich.containers import POD_LOGS_DIR, ContainerNames, find_socket
 from ktrace.enrich.identity import ContainerLookup, Identity
 from ktrace.errors import ExitStatus, NoBTF, NotPrivileged
 from ktrace.events import generated, latency
@@ -57,6 +57,7 @@ class SnapshotOptions:
     with_conntrack: bool = False  # --with-conntrack: TCP and UDP flow events carry their conntrack entry
     with_cri: bool | None = None  # --with-cri/--without-cri: ask the runtime for pod names; None: when a socket exists
     cri_socket: Path | None = None  # --cri-socket: the runtime's CRI socket instead of the auto-detected one
+    pod_logs_dir: Path = POD_LOGS_DIR  # --pod-logs-dir: kubelet's podLogsDir, for names without the runtime
     sched_warn_s: float = capture.SCHED_WARN_S
     bio_warn_s: float = capture.BIO_WARN_S
     quiet: bool = False
@@ -74,7 +75,7 @@ class SnapshotOptions:
             "skip_hooks": sorted(self.skip_hooks), "with_args": self.with_args,
             "sched_warn_ms": round(self.sched_warn_s * 1e3, 3), "bio_warn_ms": round(self.bio_warn_s * 1e3, 3),
             "with_conntrack": self.with_conntrack, "with_cri": self.with_cri,
-            "cri_socket": str(self.cri_socket) if self.cri_socket else None,
+            "cri_socket": str(self.cri_socket) if self.cri_socket else None, "pod_logs_dir": str(self.pod_logs_dir),
         }
 
 
@@ -406,9 +407,9 @@ def run(opts: SnapshotOptions) -> SnapshotResult:
 def _container_names(opts: SnapshotOptions) -> ContainerNames:
     """Where pod and container names come from: the CRI socket given, found, or none (kubelet's files only)."""
     if opts.with_cri is False:
-        return ContainerNames(None)
+        return ContainerNames(None, pod_logs_dir=opts.pod_logs_dir)
     socket = opts.cri_socket or find_socket()
-    names = ContainerNames(socket)
+    names = ContainerNames(socket, pod_logs_dir=opts.pod_logs_dir)
     if socket is None and opts.with_cri:
         names.warnings.append("--with-cri: no CRI socket found (give --cri-socket); pod names from kubelet's log "
                               "files only")

@@ -8,8 +8,8 @@ The cgroup path already gives the pod UID and the container id (ktrace.enrich.k8
    within the window is still named. A runtime that does not answer within the deadline is asked nothing more:
    one warning, and the names come from the files below.
 2. /var/log/containers/<pod>_<namespace>_<container>-<id>.log, the links kubelet makes for every container's log;
-3. /var/log/pods/<namespace>_<pod>_<uid>/, kubelet's log directory of every pod: namespace and pod by pod UID,
-   and the container when the pod has only one.
+3. /var/log/pods/<namespace>_<pod>_<uid>/ (kubelet's podLogsDir, --pod-logs-dir), kubelet's log directory of every
+   pod: namespace and pod by pod UID, and the container when the pod has only one.
 """
 
 from __future__ import annotations
@@ -31,7 +31,8 @@ SOCKETS = (  # auto-detected in this order: the runtimes' default CRI endpoints
 CALL_TIMEOUT_S = 2.0  # per CRI call; a healthy runtime answers in milliseconds
 MAX_ENTRIES = 16384  # containers and pods remembered
 RESCAN_S = 1.0  # at most one listing of the runtime's sandboxes, and one of the log directories, per second
-LOG_ROOT = Path("/var/log")
+POD_LOGS_DIR = Path("/var/log/pods")  # kubelet's podLogsDir
+CONTAINER_LOGS_DIR = Path("/var/log/containers")  # fixed in kubelet
 # kubelet: /var/log/containers/<pod>_<namespace>_<container>-<64 hex id>.log
 _CONTAINER_LOG = re.compile(r"(?P<pod>[^_]+)_(?P<namespace>[^_]+)_(?P<container>.+)-(?P<id>[0-9a-f]{64})\.log")
 # kubelet: /var/log/pods/<namespace>_<pod>_<uid>
@@ -56,10 +57,12 @@ def find_socket() -> Path | None:
 class ContainerNames:
     """(pod UID, container id) → {namespace, pod, container, image}, None where nothing says."""
 
-    def __init__(self, socket: Path | None, timeout_s: float = CALL_TIMEOUT_S, log_root: Path = LOG_ROOT) -> None:
+    def __init__(self, socket: Path | None, timeout_s: float = CALL_TIMEOUT_S, pod_logs_dir: Path = POD_LOGS_DIR,
+                 container_logs_dir: Path = CONTAINER_LOGS_DIR) -> None:
         self.socket = socket
         self.timeout_s = timeout_s
-        self.log_root = log_root
+        self.pod_logs_dir = pod_logs_dir
+        self.container_logs_dir = container_logs_dir
         self.client = None
         self.warnings: list[str] = []
         self.runtime: dict | None = None
@@ -162,14 +165,14 @@ class ContainerNames:
             return
         self._next_log_scan = now + RESCAN_S
         try:
-            for entry in (self.log_root / "containers").iterdir():
+            for entry in self.container_logs_dir.iterdir():
                 m = _CONTAINER_LOG.fullmatch(entry.name)
                 if m and m["id"] not in self._containers:
                     self._remember(self._containers, m["id"], _Known(m["namespace"], m["pod"], m["container"]))
         except OSError:
             pass
         try:
-            for entry in (self.log_root / "pods").iterdir():
+            for entry in self.pod_logs_dir.iterdir():
                 m = _POD_LOG_DIR.fullmatch(entry.name)
                 if m and m["uid"] not in self._pods:
                     containers = [d.name for d in entry.iterdir() if d.is_dir()] if entry.is_dir() else []

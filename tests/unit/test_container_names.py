@@ -12,6 +12,10 @@ CID = "ff0e51e5" + "0" * 48 + "12346ef1"
 SIDECAR = "aa" * 32
 
 
+def _names(root: Path) -> ContainerNames:
+    return ContainerNames(None, pod_logs_dir=root / "pods", container_logs_dir=root / "containers")
+
+
 def _kubelet_logs(root: Path) -> Path:
     """The layout kubelet writes: a dir per pod, a dir per container in it, a link per container log."""
     pod_dir = root / "pods" / f"shop_cart-7d9f_{UID}"
@@ -25,36 +29,36 @@ def _kubelet_logs(root: Path) -> Path:
 
 
 def test_a_container_log_link_names_namespace_pod_and_container(tmp_path: Path) -> None:
-    names = ContainerNames(None, log_root=_kubelet_logs(tmp_path))
+    names = _names(_kubelet_logs(tmp_path))
     assert names.lookup(UID, CID) == {"namespace": "shop", "pod": "cart-7d9f", "container": "cart", "image": None}
 
 
 def test_without_a_link_the_pod_dir_names_the_pod_but_not_one_of_two_containers(tmp_path: Path) -> None:
-    names = ContainerNames(None, log_root=_kubelet_logs(tmp_path))
+    names = _names(_kubelet_logs(tmp_path))
     assert names.lookup(UID, SIDECAR) == {"namespace": "shop", "pod": "cart-7d9f", "container": None, "image": None}
 
 
 def test_a_pod_with_one_container_names_it(tmp_path: Path) -> None:
-    names = ContainerNames(None, log_root=_kubelet_logs(tmp_path))
+    names = _names(_kubelet_logs(tmp_path))
     assert names.lookup(OTHER_UID, SIDECAR) == {"namespace": "kube-system", "pod": "coredns-5d78",
                                                 "container": "coredns", "image": None}
 
 
 def test_the_pod_cgroup_itself_gets_the_pod_but_no_container(tmp_path: Path) -> None:
-    names = ContainerNames(None, log_root=_kubelet_logs(tmp_path))
+    names = _names(_kubelet_logs(tmp_path))
     assert names.lookup(OTHER_UID, None) == {"namespace": "kube-system", "pod": "coredns-5d78", "container": None,
                                              "image": None}
 
 
 def test_no_log_dirs_no_names(tmp_path: Path) -> None:
-    names = ContainerNames(None, log_root=tmp_path / "missing")
+    names = _names(tmp_path / "missing")
     assert names.lookup(UID, CID) == {"namespace": None, "pod": None, "container": None, "image": None}
     assert names.report()["containers_known"] == 0
 
 
 def test_the_log_dirs_are_scanned_at_most_once_a_second(tmp_path: Path) -> None:
     root = _kubelet_logs(tmp_path)
-    names = ContainerNames(None, log_root=root)
+    names = _names(root)
     assert names.lookup(UID, SIDECAR)["container"] is None
     (root / "containers" / f"cart-7d9f_shop_istio-proxy-{SIDECAR}.log").touch()
     assert names.lookup(UID, SIDECAR)["container"] is None  # within the second: no rescan per cgroup

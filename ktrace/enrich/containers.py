@@ -9,7 +9,10 @@ The cgroup path already gives the pod UID and the container id (ktrace.enrich.k8
    one warning, and the names come from the files below.
 2. /var/log/containers/<pod>_<namespace>_<container>-<id>.log, the links kubelet makes for every container's log;
 3. /var/log/pods/<namespace>_<pod>_<uid>/ (kubelet's podLogsDir, --pod-logs-dir), kubelet's log directory of every
-   pod: namespace and pod by pod UID, and the container when the pod has only one.
+   pod: namespace and pod by pod UID, and the container when the pod has only one;
+4. /var/lib/kubelet/pods/<uid>/, kubelet's own directory of the pod: the namespace from the service account volume,
+   the pod's hostname (its name, unless spec.hostname says otherwise) from the hosts file kubelet writes for pods
+   with their own network, and the container when the pod has only one.
 """
 
 from __future__ import annotations
@@ -33,6 +36,9 @@ MAX_ENTRIES = 16384  # containers and pods remembered
 RESCAN_S = 1.0  # at most one listing of the runtime's sandboxes, and one of the log directories, per second
 POD_LOGS_DIR = Path("/var/log/pods")  # kubelet's podLogsDir
 CONTAINER_LOGS_DIR = Path("/var/log/containers")  # fixed in kubelet
+KUBELET_PODS_DIR = Path("/var/lib/kubelet/pods")  # kubelet's --root-dir + /pods
+# the first line of the hosts file kubelet writes for a pod with its own network (a hostNetwork pod's is the node's)
+POD_HOSTS_HEADER = "# Kubernetes-managed hosts file."
 # kubelet: /var/log/containers/<pod>_<namespace>_<container>-<64 hex id>.log
 _CONTAINER_LOG = re.compile(r"(?P<pod>[^_]+)_(?P<namespace>[^_]+)_(?P<container>.+)-(?P<id>[0-9a-f]{64})\.log")
 # kubelet: /var/log/pods/<namespace>_<pod>_<uid>
@@ -50,6 +56,14 @@ class _Known:
         return {"namespace": self.namespace, "pod": self.pod, "container": self.container, "image": self.image}
 
 
+def _read_small(path: Path) -> str | None:
+    try:
+        with open(path, errors="replace") as f:
+            return f.read(4096).strip() or None
+    except OSError:
+        return None
+
+
 def find_socket() -> Path | None:
     return next((p for p in SOCKETS if p.is_socket()), None)
 
@@ -58,11 +72,12 @@ class ContainerNames:
     """(pod UID, container id) → {namespace, pod, container, image}, None where nothing says."""
 
     def __init__(self, socket: Path | None, timeout_s: float = CALL_TIMEOUT_S, pod_logs_dir: Path = POD_LOGS_DIR,
-                 container_logs_dir: Path = CONTAINER_LOGS_DIR) -> None:
+                 container_logs_dir: Path = CONTAINER_LOGS_DIR, kubelet_pods_dir: Path = KUBELET_PODS_DIR) -> None:
         self.socket = socket
         self.timeout_s = timeout_s
         self.pod_logs_dir = pod_logs_dir
         self.container_logs_dir = container_logs_dir
+        self.kubelet_pods_dir = kubelet_pods_dir
         self.client = None
         self.warnings: list[str] = []
         self.runtime: dict | None = None
@@ -70,6 +85,7 @@ class ContainerNames:
         self._containers: dict[str, _Known] = {}  # by container or sandbox id
         self._pods: dict[str, _Known] = {}  # by pod UID
         self._asked: set[str] = set()  # container ids the runtime was asked about (answer or not)
+        self._pod_dirs_read: set[str] = set()  # pod UIDs whose kubelet directory was read (found or not)
         self._next_sandbox_list = self._next_log_scan = 0.0
         self._thread: threading.Thread | None = None
 
@@ -181,6 +197,32 @@ class ContainerNames:
         except OSError:
             pass
 
+    def _read_pod_dir(self, pod_uid: str) -> None:
+        """Once per pod UID: what kubelet's own directory of the pod tells."""
+        if pod_uid in self._pod_dirs_read or len(self._pod_dirs_read) >= MAX_ENTRIES:
+            return
+        self._pod_dirs_read.add(pod_uid)
+        pod_dir = self.kubelet_pods_dir / pod_uid
+        if not pod_dir.is_dir():
+            return
+        namespace = None
+        for file in sorted(pod_dir.glob("volumes/kubernetes.io~projected/*/namespace")):
+            namespace = _read_small(file)
+            if namespace:
+                break
+        name = None
+        hosts = (_read_small(pod_dir / "etc-hosts") or "").splitlines()
+        if hosts and hosts[0].strip() == POD_HOSTS_HEADER:
+            entries = [line.split() for line in hosts[1:] if line.strip() and not line.startswith("#")]
+            name = entries[-1][-1] if entries and len(entries[-1]) > 1 else None
+        try:
+            containers = [d.name for d in (pod_dir / "containers").iterdir() if d.is_dir()]
+        except OSError:
+            containers = []
+        only = containers[0] if len(containers) == 1 else None
+        if namespace or name:
+            self._remember(self._pods, pod_uid, _Known(namespace, name, only))
+
     # --- the lookup ----------------------------------------------------------------------------------------
 
     def lookup(self, pod_uid: str, container_id: str | None) -> dict:
@@ -194,6 +236,9 @@ class ContainerNames:
             self._scan_logs()
             known = self._containers.get(container_id) if container_id else None
             pod = self._pods.get(pod_uid)
+            if pod is None:
+                self._read_pod_dir(pod_uid)
+                pod = self._pods.get(pod_uid)
         result = known.as_dict() if known is not None else _Known().as_dict()
         if pod is not None:
             result["namespace"] = result["namespace"] or pod.namespace

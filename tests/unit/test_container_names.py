@@ -13,7 +13,8 @@ SIDECAR = "aa" * 32
 
 
 def _names(root: Path) -> ContainerNames:
-    return ContainerNames(None, pod_logs_dir=root / "pods", container_logs_dir=root / "containers")
+    return ContainerNames(None, pod_logs_dir=root / "pods", container_logs_dir=root / "containers",
+                          kubelet_pods_dir=root / "kubelet-pods")
 
 
 def _kubelet_logs(root: Path) -> Path:
@@ -64,3 +65,37 @@ def test_the_log_dirs_are_scanned_at_most_once_a_second(tmp_path: Path) -> None:
     assert names.lookup(UID, SIDECAR)["container"] is None  # within the second: no rescan per cgroup
     names._next_log_scan = 0.0
     assert names.lookup(UID, SIDECAR)["container"] == "istio-proxy"
+
+
+def _kubelet_pod_dir(root: Path, uid: str, hosts: str, containers: tuple[str, ...]) -> None:
+    """kubelet's /var/lib/kubelet/pods/<uid>: hosts file, service account volume, a dir per container."""
+    pod_dir = root / "kubelet-pods" / uid
+    token_volume = pod_dir / "volumes" / "kubernetes.io~projected" / "kube-api-access-x7k2p"
+    token_volume.mkdir(parents=True)
+    (token_volume / "namespace").write_text("payments")
+    (pod_dir / "etc-hosts").write_text(hosts)
+    for container in containers:
+        (pod_dir / "containers" / container / "1a2b3c4d").mkdir(parents=True)
+
+
+POD_HOSTS = ("# Kubernetes-managed hosts file.\n127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n"
+             "10.244.1.17\tledger-6b8d\n")
+HOST_NETWORK_HOSTS = "# Kubernetes-managed hosts file (host network).\n127.0.0.1\tlocalhost\n10.0.0.4\tnode-3\n"
+
+
+def test_kubelets_pod_dir_names_namespace_pod_and_only_container(tmp_path: Path) -> None:
+    _kubelet_pod_dir(tmp_path, UID, POD_HOSTS, ("ledger",))
+    assert _names(tmp_path).lookup(UID, CID) == {"namespace": "payments", "pod": "ledger-6b8d",
+                                                 "container": "ledger", "image": None}
+
+
+def test_a_host_network_pods_hosts_file_is_the_nodes_not_a_pod_name(tmp_path: Path) -> None:
+    _kubelet_pod_dir(tmp_path, UID, HOST_NETWORK_HOSTS, ("agent", "sidecar"))
+    assert _names(tmp_path).lookup(UID, CID) == {"namespace": "payments", "pod": None, "container": None,
+                                                 "image": None}
+
+
+def test_the_log_dirs_come_before_the_pod_dir(tmp_path: Path) -> None:
+    _kubelet_logs(tmp_path)
+    _kubelet_pod_dir(tmp_path, UID, POD_HOSTS, ("ledger",))
+    assert _names(tmp_path).lookup(UID, CID)["pod"] == "cart-7d9f"

@@ -283,9 +283,11 @@ def snapshot(duration: float, out_dir: Path, node: str | None, ports: tuple[int,
 
 @cli.command()
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.option("--cri-socket", type=click.Path(path_type=Path, dir_okay=False), default=None,
+              help="The runtime's CRI socket to check. [default: auto-detected, as snapshot does]")
 @click.option("--verbose", "-v", count=True)
-def doctor(as_json: bool, verbose: int) -> int:
-    """Show, per probe family, which hook this kernel lets ktrace use and why.
+def doctor(as_json: bool, cri_socket: Path | None, verbose: int) -> int:
+    """Show, per probe family, which hook this kernel lets ktrace use and why, and which runtime names pods.
 
     \b
     Example:
@@ -294,7 +296,7 @@ def doctor(as_json: bool, verbose: int) -> int:
     from ktrace import doctor as doctor_mod
 
     _setup_logging(verbose, False)
-    report = doctor_mod.examine()
+    report = doctor_mod.examine(cri_socket)
     if as_json:
         click.echo(orjson.dumps(report, option=orjson.OPT_INDENT_2).decode())
     else:

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import platform
+from pathlib import Path
 
 from ktrace import capture, libbpf, node, probes
+from ktrace.enrich.containers import ContainerNames, find_socket
 from ktrace.errors import KtraceError
 from ktrace.snapshot import check_btf, check_privileges
 
 
-def examine() -> dict:
+def examine(cri_socket: Path | None = None) -> dict:
     """Resolve every family's chain for real, then try each alternative that was not needed."""
     check_privileges()
     check_btf()
@@ -33,6 +35,7 @@ def examine() -> dict:
             if alt.status == "not tried":
                 alt.status, alt.reason = capture.trial(family, hook)
     return {
+        "cri": cri_status(cri_socket or find_socket()),
         "kernel": platform.release(),
         "libbpf": libbpf.version(),
         "btf": str(node.BTF_PATH),
@@ -43,11 +46,33 @@ def examine() -> dict:
     }
 
 
+def cri_status(socket: Path | None) -> dict:
+    """Which runtime would name pods: the CRI socket, and whether it answers."""
+    names = ContainerNames(socket)
+    names.start()
+    names.wait()
+    report = names.report()
+    names.close()
+    return {"socket": report["socket"], "runtime": report["runtime"], "containers": report["containers_known"],
+            "error": names.warnings[0] if names.warnings else None}
+
+
+def _cri_line(cri: dict) -> str:
+    if cri["socket"] is None:
+        return "pod names: no CRI socket found (--cri-socket names one); from kubelet's log files"
+    if cri["runtime"] is None:
+        return f"pod names: {cri['error']}"
+    runtime = cri["runtime"]
+    return (f"pod names: CRI {cri['socket']} · {runtime['runtime_name']} {runtime['runtime_version']} "
+            f"({runtime['runtime_api_version']}) · {cri['containers']} containers and pods known")
+
+
 def render(report: dict) -> str:
     width = max([44, *(len(a["hook"]) for f in report["families"] for a in f["alternatives"])])
     lines = [
         f"kernel {report['kernel']} · libbpf {report['libbpf']} · lockdown {report['lockdown'] or 'none'} · "
         f"tracefs {report['tracefs'] or 'missing'}",
+        _cri_line(report["cri"]),
         "",
         f"{'family':<14} {'status':<8} {'hook':<{width + 2}} {'result':<12} reason",
     ]

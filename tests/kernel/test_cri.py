@@ -167,3 +167,11 @@ def test_without_the_runtime_names_come_from_the_pods_log_directory(tmp_path, co
     for event in events["connect"]:
         assert event["k8s"] == {**expected_k8s(pod, cid, "client"), "image": None}, event
     assert bundle.summary["cri"]["socket"] is None
+
+
+def test_doctor_names_the_runtime_behind_the_socket(containerd):
+    out = subprocess.run([sys.executable, "-m", "ktrace", "doctor", f"--cri-socket={containerd.socket}"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    line = next(line for line in out.stdout.splitlines() if line.startswith("pod names: "))
+    assert line.startswith(f"pod names: CRI {containerd.socket} · containerd 1.") and "(v1)" in line, line

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from ktrace import schemas
-from ktrace.enrich.conntrack import Annotator, ConntrackTable, Entry, parse_proc_line
+from ktrace.analyze.nat import conntrack_findings
+from ktrace.enrich.conntrack import Annotator, ConntrackTable, Entry, parse_proc_line, read_stats
 from tests.unit.conftest import fixture_summary
 
 TCP_LINE = ("ipv4     2 tcp      6 119 TIME_WAIT src=10.96.0.10 dst=10.96.0.10 sport=46280 dport=80 src=10.77.0.1 "
@@ -151,3 +152,37 @@ def test_a_translation_lists_at_most_20_pods():
     (row,) = annotator.nat_summary({"netlink": 1, "proc": 0, "failed": 0}, 1, [])["translations"]
     assert row["events"] == 25 and len(row["pods"]) == 20
     assert {p["pod"] for p in row["pods"]} == {f"cart-{n}" for n in range(20)}  # the first ones seen
+
+
+# /proc/net/stat/nf_conntrack of a 2-CPU node (the layout of kernel 6.18): entries is the namespace's count
+STAT = "".join(line + "\n" for line in (
+    "entries  clashres found new invalid ignore delete chainlength insert insert_failed drop early_drop icmp_error"
+    "  expect_new expect_create expect_delete search_restart",
+    "000000f0  00000000 00000000 00000000 00000003 00000000 00000000 00000000 00000000 00000002 00000010 00000001"
+    " 00000000  00000000 00000000 00000000 00000000",
+    "000000f0  00000000 00000000 00000000 00000001 00000000 00000000 00000000 00000000 00000001 00000005 00000000"
+    " 00000000  00000000 00000000 00000000 00000000",
+))
+
+
+def test_table_statistics_sum_the_cpus_and_keep_the_namespace_count(tmp_path):
+    path = tmp_path / "nf_conntrack"
+    path.write_text(STAT)
+    assert read_stats(str(path)) == {"entries": 240, "drop": 21, "early_drop": 1, "insert_failed": 3}
+
+
+def _table(**counts: int) -> dict:
+    return {"netns": 4026531840, "entries_max": 100, "limit": 262144, "drop": 0, "early_drop": 0,
+            "insert_failed": 0, **counts}
+
+
+def test_conntrack_findings_by_what_the_table_refused():
+    assert conntrack_findings([_table()]) == []
+    (full,) = conntrack_findings([_table(entries_max=262144, drop=21, early_drop=1)])
+    assert (full["severity"], full["evidence"]["count"]) == ("critical", 22)
+    assert full["title"].startswith("conntrack table full in netns 4026531840: 21 new connections dropped")
+    (near,) = conntrack_findings([_table(entries_max=240000)])
+    assert near["severity"] == "warning" and "nearly full" in near["title"]
+    (race,) = conntrack_findings([_table(insert_failed=3)])
+    assert race["severity"] == "warning" and race["title"].startswith("3 conntrack inserts failed")
+    assert conntrack_findings([_table(limit=None, entries_max=10**6)]) == []

@@ -99,3 +99,24 @@ def test_the_log_dirs_come_before_the_pod_dir(tmp_path: Path) -> None:
     _kubelet_logs(tmp_path)
     _kubelet_pod_dir(tmp_path, UID, POD_HOSTS, ("ledger",))
     assert _names(tmp_path).lookup(UID, CID)["pod"] == "cart-7d9f"
+
+
+def test_the_first_runtime_socket_that_exists_is_used(tmp_path: Path, monkeypatch) -> None:
+    import socket
+
+    from ktrace.enrich import containers
+
+    paths = [tmp_path / "containerd.sock", tmp_path / "crio.sock", tmp_path / "k3s.sock"]
+    monkeypatch.setattr(containers, "SOCKETS", tuple(paths))
+    assert containers.find_socket() is None
+    paths[0].touch()  # a leftover file, not a socket
+    listeners = []
+    for path in paths[1:]:
+        listener = socket.socket(socket.AF_UNIX)
+        listener.bind(str(path))
+        listeners.append(listener)
+    try:
+        assert containers.find_socket() == paths[1]
+    finally:
+        for listener in listeners:
+            listener.close()

@@ -19,7 +19,7 @@ import pytest
 
 from tests import crikit
 from tests.dnsnet import FAKEDNS
-from tests.helpers import record_during, wait_for
+from tests.helpers import closed_port, record_during, wait_for
 from tests.kernel.test_crikit import free_port
 
 
@@ -175,3 +175,25 @@ def test_doctor_names_the_runtime_behind_the_socket(containerd):
     assert out.returncode == 0, out.stderr
     line = next(line for line in out.stdout.splitlines() if line.startswith("pod names: "))
     assert line.startswith(f"pod names: CRI {containerd.socket} · containerd 1.") and "(v1)" in line, line
+
+
+def test_a_finding_about_a_process_in_a_pod_names_the_pod(tmp_path, containerd):
+    pod = containerd.run_pod("checkout-8f2a", "shop", naming="cgroupfs")
+    port = closed_port()
+    try:
+        def refused() -> None:
+            cid = containerd.start_container(pod, "probe", ["sh", "-c", f"nc 127.0.0.1 {port} </dev/null; exit 0"])
+            assert containerd.wait_exited(cid) == 0
+
+        bundle = record_during(tmp_path, refused, f"--cri-socket={containerd.socket}",
+                               "--probes=tcp_state,connect,reset,cgroups")
+    finally:
+        containerd.remove_pod(pod)
+    finding = next(f for f in bundle.summary["findings"] if f["rule"] == "connect_refused"
+                   and f["subject"]["remote"] == f"127.0.0.1:{port}")
+    assert finding["pods"] == [{"pod_uid": pod.uid, "namespace": "shop", "pod": "checkout-8f2a",
+                                "lines": len(finding["evidence"]["lines"])}]
+    row = next(r for r in bundle.summary["pods"]["pods"] if r["pod_uid"] == pod.uid)
+    assert {"rule": "connect_refused", "severity": finding["severity"], "count": 1} in row["findings"]
+    assert row["tcp_connects_failed"] == 1
+    assert row["tcp_remotes"][0]["remote"] == f"127.0.0.1:{port}" and row["tcp_remotes"][0]["refused"] == 1

@@ -12,6 +12,7 @@ import click
 import orjson
 
 from ktrace import __version__, capture, probes
+from ktrace.enrich import containers
 from ktrace.errors import ExitStatus, KtraceError
 
 EXIT_CODES_HELP = "\b\nExit status:\n" + "\n".join(
@@ -195,8 +196,8 @@ def cli() -> None:
               help="Name pods and containers by asking the container runtime over its CRI socket (one query per "
                    "container, never per event); else from kubelet's log files. [default: when a socket is found]")
 @click.option("--cri-socket", type=click.Path(path_type=Path, dir_okay=False), default=None,
-              help="The runtime's CRI socket. [default: the first of /run/containerd/containerd.sock, "
-                   "/run/crio/crio.sock, /run/k3s/containerd/containerd.sock, /run/cri-dockerd.sock that exists]")
+              help="The runtime's CRI socket. [default: the first of "
+                   f"{', '.join(str(p) for p in containers.SOCKETS)} that exists]")
 @click.option("--pod-logs-dir", type=click.Path(path_type=Path, file_okay=False), default=Path("/var/log/pods"),
               show_default=True, help="kubelet's podLogsDir: pod names from its <namespace>_<pod>_<uid> directories "
                                       "when the runtime cannot be asked.")

@@ -403,7 +403,7 @@ class Containerd:
         return pod
 
     def start_container(self, pod: Pod, name: str, argv: list[str], *, env: dict[str, str] | None = None,
-                        labels: dict[str, str] | None = None) -> str:
+                        labels: dict[str, str] | None = None, memory_limit: int = 0) -> str:
         """Create and start a container running argv in the pod, labelled as kubelet labels it; its id."""
         pb = self.pb
         all_labels = {"io.kubernetes.container.name": name, "io.kubernetes.pod.name": pod.name,
@@ -417,8 +417,10 @@ class Containerd:
             envs=[pb.KeyValue(key=k, value=v) for k, v in (env or {}).items()],
             labels=all_labels,
             log_path=f"{name}/0.log",
-            linux=pb.LinuxContainerConfig(security_context=pb.LinuxContainerSecurityContext(
-                namespace_options=pb.NamespaceOption(network=pb.NODE, pid=pb.CONTAINER, ipc=pb.POD))))
+            linux=pb.LinuxContainerConfig(
+                resources=pb.LinuxContainerResources(memory_limit_in_bytes=memory_limit),  # 0: no limit
+                security_context=pb.LinuxContainerSecurityContext(
+                    namespace_options=pb.NamespaceOption(network=pb.NODE, pid=pb.CONTAINER, ipc=pb.POD))))
         started = time.monotonic()
         container_id = self._call("CreateContainer", pb.CreateContainerRequest(
             pod_sandbox_id=pod.sandbox_id, config=config, sandbox_config=pod.config)).container_id

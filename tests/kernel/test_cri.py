@@ -197,3 +197,27 @@ def test_a_finding_about_a_process_in_a_pod_names_the_pod(tmp_path, containerd):
     assert {"rule": "connect_refused", "severity": finding["severity"], "count": 1} in row["findings"]
     assert row["tcp_connects_failed"] == 1
     assert row["tcp_remotes"][0]["remote"] == f"127.0.0.1:{port}" and row["tcp_remotes"][0]["refused"] == 1
+
+
+def test_an_oom_killed_container_is_named(tmp_path, containerd):
+    """kubelet's most common question: which pod was OOMKilled? A 32 MiB container that buffers 200 MiB."""
+    pod = containerd.run_pod("ledger-0", "payments", naming="systemd")
+    started = []
+    try:
+        def oom() -> None:
+            # tail keeps the last line: /dev/zero has no newline, so it holds everything it reads
+            cid = containerd.start_container(pod, "ledger", ["sh", "-c", "head -c 200m /dev/zero | tail -n 1"],
+                                             memory_limit=32 << 20)
+            started.append(cid)
+            containerd.wait_exited(cid)
+
+        bundle = record_during(tmp_path, oom, f"--cri-socket={containerd.socket}", "--probes=oom,cgroups")
+    finally:
+        containerd.remove_pod(pod)
+    (cid,) = started
+    (kill,) = [e for e in bundle.of_type("oom_kill") if (e.get("k8s") or {}).get("container_id") == cid]
+    assert kill["comm"] == "tail"
+    assert kill["k8s"] == expected_k8s(pod, cid, "ledger")
+    assert kill["memcg_path"] == crikit.container_cgroup(pod, cid)
+    finding = next(f for f in bundle.summary["findings"] if f["rule"] == "oom_kill")
+    assert finding["pods"] == [{"pod_uid": pod.uid, "namespace": "payments", "pod": "ledger-0", "lines": 1}]

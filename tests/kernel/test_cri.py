@@ -215,9 +215,14 @@ def test_an_oom_killed_container_is_named(tmp_path, containerd):
     finally:
         containerd.remove_pod(pod)
     (cid,) = started
-    (kill,) = [e for e in bundle.of_type("oom_kill") if (e.get("k8s") or {}).get("container_id") == cid]
-    assert kill["comm"] == "tail"
-    assert kill["k8s"] == expected_k8s(pod, cid, "ledger")
-    assert kill["memcg_path"] == crikit.container_cgroup(pod, cid)
-    finding = next(f for f in bundle.summary["findings"] if f["rule"] == "oom_kill")
-    assert finding["pods"] == [{"pod_uid": pod.uid, "namespace": "payments", "pod": "ledger-0", "lines": 1}]
+    # the OOM killer may take a second task of the container (head, sh) after tail; all are the container's
+    kills = [e for e in bundle.of_type("oom_kill") if (e.get("k8s") or {}).get("container_id") == cid]
+    assert "tail" in {k["comm"] for k in kills}, kills
+    for kill in kills:
+        assert kill["k8s"] == expected_k8s(pod, cid, "ledger")
+        assert kill["memcg_path"] == crikit.container_cgroup(pod, cid)
+    findings = [f for f in bundle.summary["findings"] if f["rule"] == "oom_kill"]
+    assert findings
+    for finding in findings:
+        assert [(p["pod_uid"], p["namespace"], p["pod"]) for p in finding["pods"]] == [
+            (pod.uid, "payments", "ledger-0")], finding

@@ -18,6 +18,8 @@ import grpc  # noqa: E402
 from ktrace.cri import cri_pb2 as pb  # noqa: E402
 
 SERVICE = "/runtime.v1.RuntimeService/"
+# what kubelet allows (pkg/kubelet/cri/remote): pod annotations make ListPodSandbox large on a dense node
+MAX_MESSAGE_BYTES = 16 << 20
 # kubelet's labels on every container and sandbox it asks for (pkg/kubelet/types/labels.go)
 POD_NAME_LABEL = "io.kubernetes.pod.name"
 POD_NAMESPACE_LABEL = "io.kubernetes.pod.namespace"
@@ -55,7 +57,8 @@ class CriClient:
         self.timeout_s = timeout_s
         # the default authority of a unix: target is the socket path, which some runtimes' HTTP/2 servers reject
         self._channel = grpc.insecure_channel(f"unix://{socket.resolve()}",
-                                              options=[("grpc.default_authority", "localhost")])
+                                              options=[("grpc.default_authority", "localhost"),
+                                                       ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)])
         self._calls = {
             name: self._channel.unary_unary(SERVICE + name, request_serializer=request.SerializeToString,
                                             response_deserializer=response.FromString)

@@ -118,15 +118,23 @@ class ContainerNames:
         client = CriClient(self.socket, self.timeout_s)
         try:
             self.runtime = client.version()
-            self._add_sandboxes(client.sandboxes())
-            for cid, names in client.containers().items():
-                self._add_container(cid, names)
         except CriError as e:
             client.close()
             self._warn(str(e))
             return
-        self._next_sandbox_list = time.monotonic() + RESCAN_S
         self.client = client
+        try:
+            self._add_sandboxes(client.sandboxes())
+            for cid, names in client.containers().items():
+                self._add_container(cid, names)
+        except CriError as e:
+            if e.unreachable:
+                client.close()
+                self.client = None
+                self._warn(str(e))
+            else:  # e.g. a listing too large: containers are still asked for one by one
+                self.warnings.append(f"CRI socket {self.socket}: {e}; containers are asked for one by one")
+        self._next_sandbox_list = time.monotonic() + RESCAN_S
 
     def _warn(self, why: str) -> None:
         self.warnings.append(f"CRI socket {self.socket}: {why}; pod names from kubelet's log files only")

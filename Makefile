@@ -18,7 +18,7 @@ endif
 .PHONY: help setup bpf generate proto vmlinux test test-unit bench lint clean
 
 help:
-	@echo "setup     install what ktrace and its tests need (apt: libbpf1 iproute2 nftables; pip: -e .[test])"
+	@echo "setup     install what ktrace and its tests need (apt: libbpf1 and the tools below; pip: -e .[test])"
 	@echo "bpf       compile and strip the CO-RE objects into ktrace/bpf/, record source hashes"
 	@echo "generate  regenerate ktrace/events/generated.py from the objects' BTF"
 	@echo "proto     regenerate ktrace/cri/cri_pb2.py from ktrace/cri/cri.proto (grpcio-tools)"
@@ -28,14 +28,17 @@ help:
 	@echo "lint      ruff"
 
 # Run-time needs: libbpf.so.1 (ctypes). Tests also need iproute2 and nftables (namespaces, dropped SYNs),
-# setpriv (dropped capabilities), and containerd, runc, umoci and busybox-static (real pods from an image
-# built offline). The BPF objects and the CRI bindings are prebuilt: no compiler is needed.
+# setpriv (dropped capabilities), and containerd, runc, umoci, busybox-static and the CNI plugins (real pods
+# from an image built offline, with the node's network or their own). The BPF objects and the CRI bindings are
+# prebuilt: no compiler is needed.
 setup:
 	@if ! ldconfig -p | grep -q 'libbpf.so.1 ' || ! command -v nft >/dev/null || ! command -v ip >/dev/null \
 		|| ! command -v setpriv >/dev/null || ! command -v containerd >/dev/null || ! command -v runc >/dev/null \
-		|| ! command -v umoci >/dev/null || ! dpkg -s busybox-static >/dev/null 2>&1; then \
+		|| ! command -v umoci >/dev/null || ! dpkg -s busybox-static >/dev/null 2>&1 \
+		|| ! test -x /usr/lib/cni/host-device; then \
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
-			libbpf1 iproute2 nftables util-linux containerd runc umoci busybox-static >/dev/null; \
+			libbpf1 iproute2 nftables util-linux containerd runc umoci busybox-static \
+			containernetworking-plugins >/dev/null; \
 	fi
 	$(PYTHON) -m pip install --quiet --disable-pip-version-check -e '.[test]'
 

@@ -8,13 +8,15 @@
 
 The kit talks to containerd the way kubelet does, over CRI gRPC: pods get kubelet's cgroup parents
 (/kubepods/<qos>/pod<uid> or the kubepods.slice form) and containers kubelet's labels. Pods use the host
-network (no CNI config is given), so a container can reach loopback servers the test owns.
+network, so a container can reach loopback servers the test owns; a kit made with pod_network=True also has
+one pod network (a veth pair and CNI's host-device plugin), so that one pod at a time can have its own network
+namespace, reaching the node at kit.node_address from kit.pod_address through the node's netfilter.
 
 Everything lives in one directory under /tmp (root, state, socket, runc root, pod logs), except what
 containerd 1.6 and runc put outside it: shim sockets in /run/containerd/s and the kubepods cgroups. On exit,
 even after a failure, the kit removes its pods, stops its containerd and shims by PID, deletes leftover runc
 containers, unmounts what is mounted under its directory, removes the empty cgroups of its pods and their
-empty kubepods ancestors, and removes its directory.
+empty kubepods ancestors, deletes its veth pair, and removes its directory.
 
 Host quirks handled here (tried by hand on the test VM): the missing CAP_SYS_RESOURCE needs
 restrict_oom_score_adj; with no systemd, runc's systemd driver cannot run, so tests/runc_systemd_naming.py
@@ -26,6 +28,7 @@ from __future__ import annotations
 
 import errno
 import importlib.util
+import ipaddress
 import json
 import os
 import shutil
@@ -100,6 +103,8 @@ def unavailable() -> str | None:
                if shutil.which(tool) is None]
     if missing:
         return f"not installed: {', '.join(missing)} (make setup installs containerd, runc, umoci)"
+    if not (CNI_PLUGINS / "host-device").exists():
+        return f"no CNI plugins in {CNI_PLUGINS} (make setup installs containernetworking-plugins)"
     if not BUSYBOX.exists() or not is_static(BUSYBOX):
         return f"{BUSYBOX} is missing or not statically linked (install busybox-static)"
     for module in ("grpc", "grpc_tools"):
@@ -184,6 +189,7 @@ class Pod:
     cgroup_parent: str    # as kubelet passes it and as /proc/<pid>/cgroup shows it
     log_directory: Path
     config: object = field(repr=False)  # the PodSandboxConfig message, passed again to CreateContainer
+    pod_network: bool = False  # its own network namespace (the kit's one pod network), else the node's
 
 
 def pod_cgroup_parent(uid: str, naming: str, qos: str) -> str:
@@ -268,16 +274,33 @@ state = "{d}/state"
         BinaryName = "{runc}"
   [plugins."io.containerd.grpc.v1.cri".cni]
     bin_dir = "{d}/cni/bin"
-    # empty: no pod network, so only hostNetwork pods run (NetworkReady=false is expected)
+    # empty unless the kit has a pod network: then hostNetwork pods only (NetworkReady=false is expected)
     conf_dir = "{d}/cni/net.d"
+"""
+
+# The pod network: one veth pair, whose pod end CNI's host-device plugin moves into the pod's namespace as eth0,
+# with a static address and a default route to the node end. Enough for one pod with its own network at a time,
+# reaching servers of the test on the node address, through the node's netfilter (DNAT), as a pod does.
+CNI_PLUGINS = Path("/usr/lib/cni")  # Debian's containernetworking-plugins
+# documentation ranges, the first one the machine does not use itself (its own network may be one of them)
+POD_NETWORKS = ("198.51.100.0/24", "203.0.113.0/24", "192.0.2.0/24")
+CNI_CONFIG = """\
+{{"cniVersion": "1.0.0", "name": "kt-podnet", "plugins": [{{"type": "host-device", "device": "{device}",
+  "ipam": {{"type": "static", "addresses": [{{"address": "{pod}/24", "gateway": "{node}"}}],
+           "routes": [{{"dst": "0.0.0.0/0", "gw": "{node}"}}]}}}}]}}
 """
 
 
 class Containerd:
     """A private containerd with the CRI plugin, under /tmp/kt-cri-*; pods made with it are removed on exit."""
 
-    def __init__(self, image_tar: Path | None = None, start_timeout: float = 30.0) -> None:
+    def __init__(self, image_tar: Path | None = None, start_timeout: float = 30.0, pod_network: bool = False) -> None:
         self.image_tar = image_tar
+        self.pod_network = pod_network
+        # the veth pair of the pod network (interface names: at most 15 bytes)
+        self.veth_pod, self.veth_node = f"ktpod{os.getpid() % 100000}", f"ktnode{os.getpid() % 100000}"
+        self._veth_made = False
+        self.node_address = self.pod_address = ""  # the node end of the veth, and the pod's address
         self.start_timeout = start_timeout
         self.dir = Path()
         self.socket = ""
@@ -317,6 +340,8 @@ class Containerd:
             (self.dir / sub).mkdir(parents=True)
         config = self.dir / "config.toml"
         config.write_text(CONFIG.format(d=self.dir, sock=self.socket, pause=PAUSE_IMAGE, runc=RUNC_WRAPPER))
+        if self.pod_network:
+            self._make_pod_network()  # before containerd starts: it reads its CNI configuration once
 
         started = time.monotonic()
         env = dict(os.environ)
@@ -333,6 +358,25 @@ class Containerd:
         subprocess.run(["ctr", "--address", self.socket, "-n", K8S_NAMESPACE, "images", "import",
                         str(self.image_tar)], check=True, capture_output=True, text=True)
         self.timings["image_import"] = time.monotonic() - started
+
+    def _make_pod_network(self) -> None:
+        network = free_network()
+        self.node_address, self.pod_address = str(network[1]), str(network[10])
+        for plugin in ("host-device", "static", "loopback"):
+            (self.dir / "cni" / "bin" / plugin).symlink_to(CNI_PLUGINS / plugin)
+        (self.dir / "cni" / "net.d" / "10-kt-podnet.conflist").write_text(
+            CNI_CONFIG.format(device=self.veth_pod, pod=self.pod_address, node=self.node_address))
+        subprocess.run(["ip", "link", "add", self.veth_pod, "type", "veth", "peer", "name", self.veth_node],
+                       check=True, capture_output=True)
+        self._veth_made = True
+        for cmd in (["addr", "add", f"{self.node_address}/24", "dev", self.veth_node],
+                    ["link", "set", self.veth_node, "up"]):
+            subprocess.run(["ip", *cmd], check=True, capture_output=True)
+
+    def _remove_pod_network(self) -> None:
+        if self._veth_made:  # deleting one end deletes the pair, wherever the other end is
+            subprocess.run(["ip", "link", "del", self.veth_node], check=True, capture_output=True)
+            self._veth_made = False
 
     def _wait_ready(self) -> None:
         import grpc
@@ -373,8 +417,11 @@ class Containerd:
     # pods and containers
 
     def run_pod(self, name: str, namespace: str = "default", uid: str | None = None, *, naming: str = "cgroupfs",
-                qos: str = "burstable", dns_servers: Iterable[str] = ()) -> Pod:
-        """A ready hostNetwork pod sandbox with kubelet's cgroup parent for the naming scheme and QoS class."""
+                qos: str = "burstable", dns_servers: Iterable[str] = (), pod_network: bool = False) -> Pod:
+        """A ready pod sandbox with kubelet's cgroup parent for the naming scheme and QoS class: hostNetwork, or
+        with pod_network its own network namespace with pod_address (a kit made with pod_network=True)."""
+        if pod_network and not self.pod_network:
+            raise CrikitError("this kit has no pod network: Containerd(pod_network=True)")
         pb = self.pb
         uid = uid or str(uuid.uuid4())
         parent = pod_cgroup_parent(uid, naming, qos)
@@ -382,7 +429,7 @@ class Containerd:
         log_directory.mkdir(parents=True, exist_ok=True)
         labels = {"io.kubernetes.pod.name": name, "io.kubernetes.pod.namespace": namespace,
                   "io.kubernetes.pod.uid": uid}
-        host_network = pb.NamespaceOption(network=pb.NODE, pid=pb.CONTAINER, ipc=pb.POD)
+        host_network = pb.NamespaceOption(network=pb.POD if pod_network else pb.NODE, pid=pb.CONTAINER, ipc=pb.POD)
         config = pb.PodSandboxConfig(
             metadata=pb.PodSandboxMetadata(name=name, uid=uid, namespace=namespace, attempt=0),
             # no hostname: the sandbox shares the host's UTS namespace, as a hostNetwork pod does
@@ -398,7 +445,7 @@ class Containerd:
         started = time.monotonic()
         sandbox_id = self._call("RunPodSandbox", pb.RunPodSandboxRequest(config=config)).pod_sandbox_id
         self.timings[f"run_pod {namespace}/{name}"] = time.monotonic() - started
-        pod = Pod(sandbox_id, name, namespace, uid, naming, qos, parent, log_directory, config)
+        pod = Pod(sandbox_id, name, namespace, uid, naming, qos, parent, log_directory, config, pod_network)
         self.pods[sandbox_id] = pod
         return pod
 
@@ -420,7 +467,8 @@ class Containerd:
             linux=pb.LinuxContainerConfig(
                 resources=pb.LinuxContainerResources(memory_limit_in_bytes=memory_limit),  # 0: no limit
                 security_context=pb.LinuxContainerSecurityContext(
-                    namespace_options=pb.NamespaceOption(network=pb.NODE, pid=pb.CONTAINER, ipc=pb.POD))))
+                    namespace_options=pb.NamespaceOption(network=pb.POD if pod.pod_network else pb.NODE,
+                                                         pid=pb.CONTAINER, ipc=pb.POD))))
         started = time.monotonic()
         container_id = self._call("CreateContainer", pb.CreateContainerRequest(
             pod_sandbox_id=pod.sandbox_id, config=config, sandbox_config=pod.config)).container_id
@@ -512,6 +560,7 @@ class Containerd:
             step("unmount", self._unmount)
         step("remove cgroups", self._remove_cgroups, sorted(self._touched_cgroups))
         step("remove shim socket dir", self._remove_shim_socket_dir)
+        step("remove the pod network", self._remove_pod_network)
         if self.dir != Path() and self.dir.exists():
             left = mounts_under(self.dir)
             if left:
@@ -590,6 +639,22 @@ class Containerd:
                 directory.rmdir()
             except OSError:
                 return
+
+
+def free_network() -> ipaddress.IPv4Network:
+    """The first of POD_NETWORKS that overlaps no address or route of the machine."""
+    used = []
+    for command in (["ip", "-4", "-o", "addr", "show"], ["ip", "-4", "route", "show", "table", "all"]):
+        out = subprocess.run(command, capture_output=True, text=True, check=True).stdout
+        for word in out.split():
+            try:
+                used.append(ipaddress.ip_network(word, strict=False))
+            except ValueError:
+                continue
+    for candidate in map(ipaddress.IPv4Network, POD_NETWORKS):
+        if not any(candidate.overlaps(net) for net in used if net.prefixlen > 0):
+            return candidate
+    raise CrikitError(f"every pod network candidate is in use here: {POD_NETWORKS}")
 
 
 def rmdir_retrying(path: Path, attempts: int = 40) -> bool:

@@ -27,3 +27,10 @@ def containerd(crikit_image: Path) -> Iterator[crikit.Containerd]:
     is removed at the end of the session)."""
     with crikit.Containerd(crikit_image) as ctrd:
         yield ctrd
+
+
+@pytest.fixture
+def containerd_podnet(crikit_image: Path) -> Iterator[crikit.Containerd]:
+    """A containerd whose pods may have their own network namespace (one at a time, at its pod_address)."""
+    with crikit.Containerd(crikit_image, pod_network=True) as ctrd:
+        yield ctrd

@@ -7,6 +7,7 @@ test's own on loopback.
 
 from __future__ import annotations
 
+import os
 import socket
 import subprocess
 import sys
@@ -24,11 +25,12 @@ from tests.kernel.test_crikit import free_port
 
 
 class Peers:
-    """A TCP server that accepts and closes, and a fake DNS server on another port, both on 127.0.0.1."""
+    """A TCP server that accepts and closes, and a fake DNS server on another port, both on one node address."""
 
-    def __init__(self, tmp_path: Path) -> None:
+    def __init__(self, tmp_path: Path, address: str = "127.0.0.1") -> None:
+        self.address = address
         self.server = socket.socket()
-        self.server.bind(("127.0.0.1", 0))
+        self.server.bind((address, 0))
         self.server.listen(128)
         self.tcp_port = self.server.getsockname()[1]
         self._stop = threading.Event()
@@ -37,7 +39,7 @@ class Peers:
         self.dns_port = free_port()
         ready = tmp_path / "dns.ready"
         self.dns = subprocess.Popen([sys.executable, FAKEDNS, "--ready-file", str(ready), "--control-dir",
-                                     str(tmp_path / "dns"), "--listen", "127.0.0.1", "--port", str(self.dns_port)])
+                                     str(tmp_path / "dns"), "--listen", address, "--port", str(self.dns_port)])
         wait_for(ready, self.dns)
 
     def _accept(self) -> None:
@@ -49,10 +51,13 @@ class Peers:
             except OSError:
                 continue
 
-    def client_script(self, rounds: int) -> list[str]:
-        """A TCP connect and an A query, `rounds` times (busybox: nc and nslookup SERVER:PORT)."""
-        once = (f"echo hi | nc 127.0.0.1 {self.tcp_port}; "
-                f"nslookup -type=a web.test 127.0.0.1:{self.dns_port} >/dev/null")
+    def client_script(self, rounds: int, tcp: str | None = None, dns: str | None = None) -> list[str]:
+        """A TCP connect and an A query, `rounds` times (busybox: nc and nslookup SERVER:PORT), to the servers or
+        to the given address:port of each."""
+        tcp = tcp or f"{self.address}:{self.tcp_port}"
+        dns = dns or f"{self.address}:{self.dns_port}"
+        host, port = tcp.rsplit(":", 1)
+        once = f"echo hi | nc {host} {port}; nslookup -type=a web.test {dns} >/dev/null"
         return ["sh", "-c", f"for i in $(seq {rounds}); do {once}; sleep 0.2; done"]
 
     def close(self) -> None:
@@ -226,3 +231,56 @@ def test_an_oom_killed_container_is_named(tmp_path, containerd):
     for finding in findings:
         assert [(p["pod_uid"], p["namespace"], p["pod"]) for p in finding["pods"]] == [
             (pod.uid, "payments", "ledger-0")], finding
+
+
+SERVICE_VIP, DNS_VIP = "10.96.77.10", "10.96.0.10"  # a Service and the cluster DNS, as kube-proxy would DNAT them
+
+
+def test_a_pod_with_its_own_network_reaches_services_through_the_nodes_dnat(tmp_path, containerd_podnet):
+    """The common case of a Kubernetes node: a pod in its own network namespace talks to a Service VIP and to the
+    cluster DNS VIP; the node's nat table sends both to backends (here servers of the test on the node end of the
+    pod's veth). Events carry the pod, conntrack the backend, and the NAT section names the pod."""
+    node = containerd_podnet.node_address
+    peers = Peers(tmp_path, node)
+    table = f"kt_svc_{os.getpid()}"
+    rules = f"""table ip {table} {{
+      chain prerouting {{
+        type nat hook prerouting priority -100;
+        ip daddr {SERVICE_VIP} tcp dport 80 dnat to {node}:{peers.tcp_port}
+        ip daddr {DNS_VIP} udp dport 53 dnat to {node}:{peers.dns_port}
+      }}
+    }}
+    """
+    subprocess.run(["nft", "-f", "-"], input=rules, text=True, check=True)
+    pod = containerd_podnet.run_pod("frontend-6d5f", "shop", naming="systemd", pod_network=True)
+    try:
+        cid = containerd_podnet.start_container(pod, "web", peers.client_script(
+            rounds=300, tcp=f"{SERVICE_VIP}:80", dns=DNS_VIP))
+        bundle = record_during(tmp_path, lambda: time.sleep(3), f"--cri-socket={containerd_podnet.socket}",
+                               "--with-conntrack", "--probes=tcp_state,connect,dns,udp,udp_peers,cgroups")
+    finally:
+        containerd_podnet.remove_pod(pod)
+        subprocess.run(["nft", "delete", "table", "ip", table], check=False)
+        peers.close()
+
+    want = expected_k8s(pod, cid, "web")
+    host_netns = os.stat("/proc/self/ns/net").st_ino
+    mine = [e for e in bundle.events if (e.get("k8s") or {}).get("container_id") == cid]
+    connects = [e for e in mine if e["type"] == "connect" and (e["daddr"], e["dport"]) == (SERVICE_VIP, 80)]
+    queries = [e for e in mine if e["type"] == "dns_query" and (e["daddr"], e["dport"]) == (DNS_VIP, 53)]
+    assert connects and queries, mine[:5]
+    for event in connects + queries:
+        assert event["k8s"] == want, event
+        assert event["saddr"] == containerd_podnet.pod_address and event["netns"] != host_netns
+    for event in connects:  # the entry lives in the node's namespace, where the DNAT happened
+        assert event["conntrack"]["nat"] == "dnat", event
+        assert (event["conntrack"]["reply"]["saddr"], event["conntrack"]["reply"]["sport"]) == (node, peers.tcp_port)
+
+    pods_named = [{"pod_uid": pod.uid, "namespace": "shop", "pod": "frontend-6d5f"}]
+    translations = {(t["protocol"], t["original"]): t for t in bundle.summary["nat"]["translations"]}
+    tcp = translations[("tcp", f"{SERVICE_VIP}:80")]
+    assert tcp["translated"] == f"{node}:{peers.tcp_port}" and tcp["nat"] == "dnat"
+    assert [{k: p[k] for k in ("pod_uid", "namespace", "pod")} for p in tcp["pods"]] == pods_named
+    udp = translations[("udp", f"{DNS_VIP}:53")]
+    assert udp["translated"] == f"{node}:{peers.dns_port}"
+    assert [{k: p[k] for k in ("pod_uid", "namespace", "pod")} for p in udp["pods"]] == pods_named

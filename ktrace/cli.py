@@ -198,7 +198,7 @@ def cli() -> None:
 @click.option("--cri-socket", type=click.Path(path_type=Path, dir_okay=False), default=None,
               help="The runtime's CRI socket. [default: the first of "
                    f"{', '.join(str(p) for p in containers.SOCKETS)} that exists]")
-@click.option("--pod-logs-dir", type=click.Path(path_type=Path, file_okay=False), default=Path("/var/log/pods"),
+@click.option("--pod-logs-dir", type=click.Path(path_type=Path, file_okay=False), default=containers.POD_LOGS_DIR,
               show_default=True, help="kubelet's podLogsDir: pod names from its <namespace>_<pod>_<uid> directories "
                                       "when the runtime cannot be asked.")
 @click.option("--sched-warn", type=Duration(), default="10ms", show_default=True,
@@ -219,8 +219,7 @@ def snapshot(duration: float, out_dir: Path, node: str | None, ports: tuple[int,
              max_bytes: int | None, families: tuple[str, ...] | None, skip_hooks: tuple[tuple[str, ...], ...],
              with_connect_latency: bool, with_dns_names: bool, with_args: bool, with_conntrack: bool,
              with_cri: bool | None, cri_socket: Path | None, pod_logs_dir: Path, sched_warn: float, bio_warn: float,
-             ring_size: int,
-             ready_file: Path | None, verbose: int, quiet: bool) -> int:
+             ring_size: int, ready_file: Path | None, verbose: int, quiet: bool) -> int:
     """Record TCP, UDP, DNS, process, OOM, scheduler, disk and packet-drop activity for a fixed window and write
     a bundle.
 

@@ -69,10 +69,8 @@ class CriClient:
                 ("ContainerStatus", pb.ContainerStatusRequest, pb.ContainerStatusResponse),
             )
         }
-        self.calls = 0
 
     def _call(self, name: str, request: object) -> object:
-        self.calls += 1
         try:
             return self._calls[name](request, timeout=self.timeout_s)
         except grpc.RpcError as e:

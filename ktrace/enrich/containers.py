@@ -56,6 +56,9 @@ class _Known:
         return {"namespace": self.namespace, "pod": self.pod, "container": self.container, "image": self.image}
 
 
+UNNAMED = _Known().as_dict()  # what lookup() says when nothing knows the container
+
+
 def _read_small(path: Path) -> str | None:
     try:
         with open(path, errors="replace") as f:
@@ -98,8 +101,9 @@ class ContainerNames:
 
     def wait(self) -> None:
         if self._thread is not None:
-            self._thread.join(timeout=3 * self.timeout_s + 1)  # each call has its own deadline: this never waits
-            if self._thread.is_alive():  # for ever, but a stuck import must not hold the window
+            # three calls, each with its deadline; the margin is for importing grpc
+            self._thread.join(timeout=3 * self.timeout_s + 1)
+            if self._thread.is_alive():
                 self._warn("no answer in time")
                 self.client = None
             self._thread = None
@@ -247,7 +251,7 @@ class ContainerNames:
             if pod is None:
                 self._read_pod_dir(pod_uid)
                 pod = self._pods.get(pod_uid)
-        result = known.as_dict() if known is not None else _Known().as_dict()
+        result = known.as_dict() if known is not None else dict(UNNAMED)
         if pod is not None:
             result["namespace"] = result["namespace"] or pod.namespace
             result["pod"] = result["pod"] or pod.pod

@@ -16,6 +16,7 @@ from collections.abc import Callable
 from ktrace import probes
 from ktrace.enrich import k8s
 from ktrace.enrich.cgroup import CgroupPaths, hierarchy_names, memory_root
+from ktrace.enrich.containers import UNNAMED
 
 MAX_ENTRIES = 16384  # cached (cgroup_id, memcg_id) pairs
 ROOT_CGROUP_ID = 1  # the kernfs id of every hierarchy's root
@@ -24,7 +25,6 @@ NO_K8S = None
 # (pod UID, container id or None) → {namespace, pod, container, image}, None where unknown
 # (ktrace.enrich.containers.ContainerNames.lookup)
 ContainerLookup = Callable[[str, "str | None"], dict]
-UNNAMED = {"namespace": None, "pod": None, "container": None, "image": None}
 
 
 class Identity:

@@ -43,6 +43,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
 
+from tests.helpers import Rig
+
 TESTS_DIR = Path(__file__).resolve().parent
 PROTO = TESTS_DIR / "cri_kubelet.proto"
 RUNC_WRAPPER = TESTS_DIR / "runc_systemd_naming.py"
@@ -291,7 +293,7 @@ CNI_CONFIG = """\
 """
 
 
-class Containerd:
+class Containerd(Rig):
     """A private containerd with the CRI plugin, under /tmp/kt-cri-*; pods made with it are removed on exit."""
 
     def __init__(self, image_tar: Path | None = None, start_timeout: float = 30.0, pod_network: bool = False) -> None:
@@ -314,17 +316,6 @@ class Containerd:
         self.pb: ModuleType = messages()
 
     # lifecycle
-
-    def __enter__(self) -> Containerd:
-        try:
-            self._start()
-        except BaseException:
-            self.close()
-            raise
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
     def _start(self) -> None:
         import grpc

@@ -20,6 +20,8 @@ import time
 from collections.abc import Iterable
 from pathlib import Path
 
+from tests.helpers import Rig
+
 KERNEL_DIR = Path(__file__).resolve().parent / "kernel"
 FAKEDNS = str(KERNEL_DIR / "fakedns.py")
 RESOLVER = str(KERNEL_DIR / "resolver.py")
@@ -27,7 +29,7 @@ ETC_NETNS = Path("/etc/netns")
 RESOLV_CONF = "nameserver 127.0.0.1\noptions timeout:1 attempts:1\n"
 
 
-class DnsNetns:
+class DnsNetns(Rig):
     """A netns named kt-<hint>-<pid> whose loopback is up and whose 127.0.0.1:53 and [::1]:53 (UDP and TCP)
     answer from fakedns.py (comm "kt-dns"). Everything is undone on exit, even when the body raises."""
 
@@ -52,17 +54,6 @@ class DnsNetns:
         self._clients: list[subprocess.Popen] = []
 
     # lifecycle
-
-    def __enter__(self) -> DnsNetns:
-        try:
-            self._start()
-        except BaseException:
-            self.close()
-            raise
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
     def _start(self) -> None:
         self.control_dir.mkdir(parents=True, exist_ok=True)

@@ -10,6 +10,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import orjson
 import pytest
@@ -34,23 +35,48 @@ def kernel_unavailable() -> str | None:
     return None
 
 
-def require_kernel() -> None:
-    reason = kernel_unavailable()
+def _require(what: str, reason: str | None) -> None:
+    """Skip when the machine cannot run the test, or fail when KTRACE_REQUIRE_KERNEL=1 says it must."""
     if reason:
         if REQUIRE_KERNEL:
-            pytest.fail(f"kernel test cannot run: {reason} (KTRACE_REQUIRE_KERNEL=1)")
+            pytest.fail(f"{what} test cannot run: {reason} (KTRACE_REQUIRE_KERNEL=1)")
         pytest.skip(reason)
+
+
+def require_kernel() -> None:
+    _require("kernel", kernel_unavailable())
 
 
 def require_containerd() -> None:
-    """Like require_kernel, for tests that run real pods with tests/crikit.py."""
+    """For tests that run real pods with tests/crikit.py."""
     from tests import crikit
 
-    reason = crikit.unavailable()
-    if reason:
-        if REQUIRE_KERNEL:
-            pytest.fail(f"containerd test cannot run: {reason} (KTRACE_REQUIRE_KERNEL=1)")
-        pytest.skip(reason)
+    _require("containerd", crikit.unavailable())
+
+
+RigT = TypeVar("RigT", bound="Rig")
+
+
+class Rig:
+    """Something a test sets up with _start() and undoes with close(): close() also runs when _start() fails
+    halfway, so it must undo only what was made."""
+
+    def __enter__(self: RigT) -> RigT:
+        try:
+            self._start()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _start(self) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        raise NotImplementedError
 
 
 def wait_for(path: Path, proc: subprocess.Popen | None = None, timeout: float = 30.0) -> None:

@@ -114,18 +114,19 @@ def test_an_unconnected_client_is_paired_like_a_connected_one(tmp_path, ns, serv
     assert all(r["rtt_ms"] is not None and r["rtt_ms"] > 0 for r in replies)
 
 
-def test_dns_over_tcp_is_paired_and_the_second_read_of_a_reply_is_a_continuation(tmp_path, ns):
+def test_dns_over_tcp_is_paired_with_the_message_and_the_length_read_alone_is_a_length_prefix(tmp_path, ns):
     result = {}
     bundle = record_during(tmp_path, lambda: result.update(ns.run_json("tcp", "127.0.0.1", "tcp.example.test")))
     assert result["ok"]
     queries = _client_events(bundle, "dns_query", "kt-dnstcp")
     replies = _client_events(bundle, "dns_reply", "kt-dnstcp")
     assert len(queries) == 1 and queries[0]["protocol"] == "tcp"
-    paired = [r for r in replies if r["rtt_ms"] is not None]
-    assert len(paired) == 1
-    assert all(r.get("continuation") for r in replies if r["rtt_ms"] is None)
+    # the client reads the 2-byte length, then the message: the RTT runs to the message
+    prefix, message = replies
+    assert prefix["length_prefix"] is True and prefix["bytes"] == 2 and prefix["rtt_ms"] is None
+    assert message["rtt_ms"] is not None and message["bytes"] > 2 and "length_prefix" not in message
     assert bundle.summary["dns"]["by_process"][0]["timeouts"] == 0
-
+    assert bundle.summary["dns"]["by_process"][0]["replies"] == 1
 
 DELAY_MS = 3000
 SLOW_CLIENTS = 5  # slow_dns needs 5 replies (ktrace.analyze.dns.MIN_SLOW_REPLIES)

@@ -222,13 +222,15 @@ class DnsAnalysis:
                 "EHOSTUNREACH: no route to the server.",
             ))
         for (pid, comm, local), s in sorted(self.served.items(), key=lambda kv: -kv[1].timeouts):
-            if not s.timeouts:
+            never = max(s.timeouts - s.late, 0)  # a query answered late was slow, not dropped
+            if not never:
                 continue
-            e = Examples(count=s.timeouts, lines=s.lines, first=s.first, last=s.last)
+            e = Examples(count=never, lines=s.lines, first=s.first, last=s.last)
+            late = f" ({s.late} more were answered late)" if s.late else ""
             out.append(finding(
                 "dns_server_dropped", "warning",
-                f"{comm} ({pid}) serving {local}: {s.timeouts} of {s.queries} queries received were not answered"
-                f"{within}",
+                f"{comm} ({pid}) serving {local}: {never} of {s.queries} queries received were not answered"
+                f"{within}{late}",
                 {**s.identity, "server": local}, e,
                 "The local DNS server read the queries and never replied: overload, a stuck upstream, or a crash loop.",
             ))

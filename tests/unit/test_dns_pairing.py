@@ -256,3 +256,17 @@ def test_udp_top_talkers_are_by_bytes_both_ways():
     assert client["bytes_out"] == sum(f["bytes"] for f in flows if f["direction"] == "egress")
     assert client["bytes"] == sum(f["bytes"] for f in flows)
     assert summary["top_flows"][0]["bytes"] == max(f["bytes"] for f in EVENTS if f["type"] == "udp_flow")
+
+
+def test_a_local_server_answering_late_is_not_said_to_drop_queries():
+    pairer, out = _pairer()
+    pairer.add(_server(0, "dns_query", 52))
+    pairer.add(_server(1, "dns_query", 52))
+    pairer.expire(T0 + TIMEOUT_NS + 10 * MS)
+    pairer.add(_server(2500, "dns_reply", 58))  # the first one, late; the second never
+    analysis = DnsAnalysis()
+    for number, event in enumerate(out, 1):
+        analysis.add(event, number)
+    (dropped,) = [f for f in analysis.findings(2.0) if f["rule"] == "dns_server_dropped"]
+    assert dropped["evidence"]["count"] == 1
+    assert "1 of 2 queries received were not answered within 2 s (1 more were answered late)" in dropped["title"]

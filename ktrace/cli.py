@@ -277,6 +277,10 @@ def snapshot(duration: float, out_dir: Path, node: str | None, ports: tuple[int,
         click.echo(f"ktrace: {s['window']['actual_s']:.1f}s, {s['files']['events']['lines']:,} lines written for "
                    f"{lost['written']:,} kernel events ({lost['capped']:,} capped, {lost['ringbuf_full']:,} lost), "
                    f"{len(s['findings'])} findings", err=True)
+        if s["sampling"]["families"]:  # never silent: the counts below cover the kept flows only
+            sampled = ", ".join(row["family"] for row in s["sampling"]["families"])
+            click.echo(f"ktrace: sampled 1 flow in {s['sampling']['every']} of {sampled}: their counts and findings "
+                       "cover the kept flows only", err=True)
         for finding in s["findings"][:10]:
             click.echo(f"  [{finding['severity']}] {finding['title']}", err=True)
         for reason in s["degraded"]:

@@ -7,11 +7,13 @@ worked out from the ports the server logged.
 
 from __future__ import annotations
 
+import signal
+
 import pytest
 
 from ktrace.analyze.dns import is_message
 from tests.dnsservers import SERVER_ADDR, FakeDns, NetnsPair
-from tests.helpers import record_during
+from tests.helpers import Ktrace
 
 EVERY = 4
 QUERIES = 40
@@ -39,8 +41,14 @@ def test_sampled_dns_keeps_or_drops_both_ends_of_each_exchange_together(tmp_path
     names = [f"s{i}.sample.test" for i in range(QUERIES)]
     with FakeDns(net, tmp_path) as server:
         answers: list[str] = []
-        bundle = record_during(tmp_path, lambda: [answers.extend(net.dig(name)) for name in names],
-                               f"--sample={EVERY}")
+        ktrace = Ktrace(tmp_path, f"--sample={EVERY}", duration="120s").started()
+        try:
+            for name in names:
+                answers.extend(net.dig(name))
+        finally:
+            ktrace.signal(signal.SIGINT)
+        assert ktrace.finish() in (0, 3), ktrace.stderr
+        bundle = ktrace.bundle()
         logged = {q["name"]: q for q in server.queries() if q["name"] in names}
     assert len(answers) == QUERIES and len(logged) == QUERIES
     ports = {int(q["peer"].rsplit(":", 1)[1]) for q in logged.values()}
@@ -74,3 +82,5 @@ def test_sampled_dns_keeps_or_drops_both_ends_of_each_exchange_together(tmp_path
     # each exchange left out is 4 DNS messages: query and reply, at each end
     assert summary["losses"]["by_family"]["dns"]["sampled_out"] >= 4 * (QUERIES - len(kept))
     assert not [f for f in summary["findings"] if f["rule"].startswith("dns_")]
+    # and so does the console
+    assert f"ktrace: sampled 1 flow in {EVERY} of tcp_state, connect, retransmit, reset, udp, dns:" in ktrace.stderr

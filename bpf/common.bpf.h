@@ -93,6 +93,32 @@ static __always_inline bool kt_sample_flow(void)
 	return bpf_get_prandom_u32() % kt_sample_every == 0;
 }
 
+/*
+ * The 1-in-N sampling decision of a flow, from its two ports only and the same
+ * at both ends: the ports are put in order first, so a client and the server it
+ * talks to (in two namespaces of one node, or on two nodes each running ktrace)
+ * keep or drop the flow together, and its queries and replies pair up. The
+ * addresses are left out on purpose: a server bound to the wildcard address sees
+ * 0.0.0.0 where its client sees the server's address, and a Service's DNAT shows
+ * the client a virtual IP the server never sees. Ports survive both (a NAT that
+ * rewrites ports, e.g. SNAT on a collision, splits the decision).
+ */
+static __always_inline bool kt_sample_ports(__u16 port_a, __u16 port_b)
+{
+	__u32 h;
+
+	if (kt_sample_every <= 1)
+		return true;
+	h = port_a < port_b ? (__u32)port_a << 16 | port_b : (__u32)port_b << 16 | port_a;
+	/* murmur3 finalizer: neighbouring ephemeral ports land far apart */
+	h ^= h >> 16;
+	h *= 0x85ebca6b;
+	h ^= h >> 13;
+	h *= 0xc2b2ae35;
+	h ^= h >> 16;
+	return h % kt_sample_every == 0;
+}
+
 /* Reserve an event of the given kind; counts a reservation failure against family. */
 static __always_inline void *kt_reserve(__u32 family, __u16 kind, __u32 size)
 {

@@ -160,32 +160,6 @@ static __always_inline void kt_sk_tuple_of(const struct sock *sk, bool direct, _
 	}
 }
 
-/* A hash of the socket's tuple: the flow's 1-in-N sampling decision, the same for every datagram. */
-static __always_inline __u32 kt_tuple_hash(const struct kt_tuple *t)
-{
-	__u32 h = ((__u32)t->sport << 16 | t->dport) ^ 0x9e3779b9;
-	__u32 words[8];
-	int i;
-
-	__builtin_memcpy(words, t->saddr, sizeof(words));
-	for (i = 0; i < 8; i++) {
-		h ^= words[i];
-		h *= 0x01000193;
-	}
-	/* murmur3 finalizer */
-	h ^= h >> 16;
-	h *= 0x85ebca6b;
-	h ^= h >> 13;
-	h *= 0xc2b2ae35;
-	h ^= h >> 16;
-	return h;
-}
-
-static __always_inline bool kt_sample_tuple(const struct kt_tuple *t)
-{
-	return kt_sample_every <= 1 || kt_tuple_hash(t) % kt_sample_every == 0;
-}
-
 static __always_inline void kt_count_flow(struct kt_udp_flow_event *f, int ret, __u64 now)
 {
 	if (ret >= 0) {
@@ -213,7 +187,7 @@ static __always_inline void kt_udp_flow(const struct sock *sk, const struct kt_t
 		kt_count(KT_FAMILY_UDP, filtered);
 		return;
 	}
-	if (!kt_sample_tuple(t)) {
+	if (!kt_sample_ports(t->sport, t->dport)) {
 		kt_count(KT_FAMILY_UDP, sampled_out);
 		return;
 	}
@@ -290,7 +264,8 @@ static __always_inline void kt_dns_message(const struct sock *sk, const struct k
 	__u8 role = remote_is_dns ? KT_DNS_CLIENT : KT_DNS_SERVER;
 
 	kt_count(KT_FAMILY_DNS, seen);
-	if (!kt_sample_tuple(t)) {
+	/* the same decision as the socket's UDP flow, and as the other end's */
+	if (!kt_sample_ports(t->sport, t->dport)) {
 		kt_count(KT_FAMILY_DNS, sampled_out);
 		return;
 	}
@@ -299,6 +274,7 @@ static __always_inline void kt_dns_message(const struct sock *sk, const struct k
 		return;
 	kt_fill_current(&e->task);
 	e->skaddr = (__u64)sk;
+	e->sk_ino = BPF_CORE_READ(sk, sk_socket, file, f_inode, i_ino);
 	e->ret = ret;
 	e->netns = kt_sk_netns_of(sk, direct);
 	kt_copy_tuple(t, e->saddr, e->daddr, &e->sport, &e->dport, &e->family);

@@ -73,11 +73,17 @@ enum kt_dns_role {
  * read or write) to or from a DNS port. Metadata only: the payload is never
  * read, so there is no name, id or rcode. saddr/sport is the local socket,
  * daddr/dport the remote end.
+ *
+ * skaddr alone does not name a socket: the kernel gives a closed socket's
+ * memory to the next one. sk_ino, the socket's inode number (socket:[ino] in
+ * /proc/PID/fd, ino in ss -e), is new for every socket, so replies are paired
+ * with queries of the same socket only.
  */
 struct kt_dns_event {
 	struct kt_hdr hdr;
 	struct kt_task task;
 	__u64 skaddr;
+	__u64 sk_ino;		/* 0 when the socket has no file (never for a send or receive syscall) */
 	__s32 ret;		/* bytes, or -errno of a failed send or receive */
 	__u32 netns;		/* the socket's network namespace inode */
 	__u8 saddr[KT_ADDR_LEN];
@@ -90,6 +96,6 @@ struct kt_dns_event {
 	__u8 role;		/* enum kt_dns_role */
 	__u8 _pad[6];
 };
-_Static_assert(sizeof(struct kt_dns_event) == 160, "kt_dns_event layout");
+_Static_assert(sizeof(struct kt_dns_event) == 168, "kt_dns_event layout");
 
 #endif /* KTRACE_UDP_H */

@@ -14,6 +14,7 @@ import orjson
 from ktrace import __version__, capture, probes
 from ktrace.enrich import containers
 from ktrace.errors import ExitStatus, KtraceError
+from ktrace.events.dns import DNS_TIMEOUT_S
 
 EXIT_CODES_HELP = "\b\nExit status:\n" + "\n".join(
     f"  {s.value}  {s.name.lower().replace('_', ' ')}" for s in ExitStatus
@@ -158,14 +159,17 @@ def cli() -> None:
                    "and counted. Process, OOM, sched and blockio are left out unless --probes names them.")
 @click.option("--dns-ports", type=PortList(limit=capture.MAX_DNS_PORTS), default="53", show_default=True,
               help=f"Ports whose traffic is DNS (comma-separated, at most {capture.MAX_DNS_PORTS}).")
-@click.option("--dns-timeout", type=Duration(), default="2s", show_default=True,
-              help="A DNS query with no reply after this long is reported as dns_timeout.")
+@click.option("--dns-timeout", type=Duration(), default=f"{DNS_TIMEOUT_S:g}s", show_default=True,
+              help="A DNS query with no reply after this long is reported as dns_timeout (the default is glibc's "
+                   "resolver timeout). A reply that comes later still counts in the reply times.")
 @click.option("--udp-flows", type=click.IntRange(min=64, max=1 << 22), default=capture.DEFAULT_MAP_SIZES["udp_flows"],
               show_default=True,
               help="UDP flows counted in the kernel at once (about 300 bytes each). When the map fills, idle "
                    "flows are read out early and new flows' datagrams cross the ring buffer one by one.")
 @click.option("--sample", type=click.IntRange(min=1), default=1, show_default=True,
-              help="Keep 1 flow in N, decided in the kernel per socket; a kept flow keeps all its events.")
+              help="Keep 1 flow in N, decided in the kernel; a kept flow keeps all its events. UDP and DNS flows "
+                   "are decided by their ports, the same at both ends; TCP per socket. Process, OOM, drop, sched "
+                   "and blockio events are never sampled.")
 @click.option("--max-events", type=click.IntRange(min=0), default=None,
               help="Write at most this many events; the rest are counted as capped.")
 @click.option("--max-bytes", type=Size(), default=None,
@@ -273,6 +277,10 @@ def snapshot(duration: float, out_dir: Path, node: str | None, ports: tuple[int,
         click.echo(f"ktrace: {s['window']['actual_s']:.1f}s, {s['files']['events']['lines']:,} lines written for "
                    f"{lost['written']:,} kernel events ({lost['capped']:,} capped, {lost['ringbuf_full']:,} lost), "
                    f"{len(s['findings'])} findings", err=True)
+        if s["sampling"]["families"]:  # never silent: the counts below cover the kept flows only
+            sampled = ", ".join(row["family"] for row in s["sampling"]["families"])
+            click.echo(f"ktrace: sampled 1 flow in {s['sampling']['every']} of {sampled}: their counts and findings "
+                       "cover the kept flows only", err=True)
         for finding in s["findings"][:10]:
             click.echo(f"  [{finding['severity']}] {finding['title']}", err=True)
         for reason in s["degraded"]:

@@ -26,7 +26,7 @@ from ktrace.enrich.identity import ContainerLookup, Identity
 from ktrace.errors import ExitStatus, NoBTF, NotPrivileged
 from ktrace.events import generated, latency
 from ktrace.events.decode import SCHEMA_VERSION, Decoder, family_and_weight, kernel_reset_reasons
-from ktrace.events.dns import DnsPairer
+from ktrace.events.dns import DNS_TIMEOUT_S, DnsPairer
 from ktrace.events.drops import count_events, kernel_drop_reasons
 from ktrace.events.flows import UdpFlows
 
@@ -45,7 +45,7 @@ class SnapshotOptions:
     ports: tuple[int, ...] = ()
     dns_ports: tuple[int, ...] = capture.DNS_PORTS
     dns_only: bool = False
-    dns_timeout_s: float = 2.0
+    dns_timeout_s: float = DNS_TIMEOUT_S
     udp_flows: int = capture.DEFAULT_MAP_SIZES["udp_flows"]
     sample: int = 1
     max_events: int | None = None

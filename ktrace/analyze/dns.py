@@ -26,6 +26,7 @@ class _Stats:
     queries: int = 0
     replies: int = 0
     late: int = 0
+    late_max_ms: float | None = None  # the slowest late reply
     timeouts: int = 0
     unanswered_at_end: int = 0
     errors: int = 0
@@ -48,6 +49,11 @@ class _Stats:
         return {"queries": self.queries, "replies": self.replies, "late_replies": self.late,
                 "timeouts": self.timeouts, "unanswered_at_window_end": self.unanswered_at_end,
                 "errors": self.errors, "rtt_ms": self.rtt()}
+
+
+def is_message(event: dict) -> bool:
+    """A dns_query or dns_reply line that is a DNS message, not a TCP length prefix or the rest of a reply."""
+    return not (event.get("length_prefix") or event.get("continuation"))
 
 
 def _identity(event: dict) -> dict:
@@ -104,22 +110,25 @@ class DnsAnalysis:
     @staticmethod
     def _count(stats: _Stats, event: dict, line: int | None) -> None:
         kind = event["type"]
+        if kind != "dns_timeout" and not is_message(event):
+            return
         stats.seen(event)
         if kind == "dns_query":
             stats.queries += 1
             if event.get("error"):
                 stats.errors += 1
         elif kind == "dns_reply":
-            if event.get("continuation"):
-                return
             if event.get("error"):
                 stats.errors += 1
                 return
             stats.replies += 1
+            rtt = event.get("rtt_ms")
             if event.get("late"):
                 stats.late += 1
-            rtt = event.get("rtt_ms")
-            if rtt is not None and not event.get("late") and len(stats.rtts) < MAX_RTTS:
+                if rtt is not None:
+                    stats.late_max_ms = max(stats.late_max_ms or 0.0, rtt)
+            # a late reply is a slow one: it counts in the percentiles like any other
+            if rtt is not None and len(stats.rtts) < MAX_RTTS:
                 stats.rtts.append(rtt)
         else:
             if event.get("window_end"):
@@ -169,14 +178,20 @@ class DnsAnalysis:
             if not s.timeouts:
                 continue
             e = Examples(count=s.timeouts, lines=s.lines, first=s.first, last=s.last)
-            severity = "critical" if s.replies == 0 or s.timeouts >= 10 else "warning"
-            out.append(finding(
-                "dns_timeout", severity,
-                f"{comm} ({pid}): {s.timeouts} of {s.queries} DNS queries to {server} got no reply{within}",
-                {**s.identity, "server": server}, e,
-                "The query or its reply was lost: check the DNS server's health and load, conntrack/NAT on the "
-                "path (a full conntrack table drops UDP), and NetworkPolicies to the DNS service.",
-            ))
+            # late replies answer timed-out queries: those were slow, not lost
+            never = max(s.timeouts - s.late, 0)
+            on_time = s.replies - s.late
+            severity = "critical" if never and (on_time == 0 or never >= 10) else "warning"
+            title = f"{comm} ({pid}): {s.timeouts} of {s.queries} DNS queries to {server} got no reply{within}"
+            if s.late:
+                title += (f"; {s.late} of them were answered late (the slowest after {s.late_max_ms or 0:.0f} ms), "
+                          f"{never} never")
+            hint = ("The query or its reply was lost: check the DNS server's health and load, conntrack/NAT on the "
+                    "path (a full conntrack table drops UDP), and NetworkPolicies to the DNS service.")
+            if s.late:
+                hint = ("Replies came after the timeout: the DNS server or its upstream is slow (see slow_dns), and "
+                        "a client with a shorter timeout than ktrace's has already retried or failed. " + hint)
+            out.append(finding("dns_timeout", severity, title, {**s.identity, "server": server}, e, hint))
         for server, s in sorted(self.by_server.items(), key=lambda kv: -kv[1].queries):
             if s.replies or s.queries < UNRESPONSIVE_QUERIES or not (s.timeouts or s.unanswered_at_end):
                 continue
@@ -207,13 +222,15 @@ class DnsAnalysis:
                 "EHOSTUNREACH: no route to the server.",
             ))
         for (pid, comm, local), s in sorted(self.served.items(), key=lambda kv: -kv[1].timeouts):
-            if not s.timeouts:
+            never = max(s.timeouts - s.late, 0)  # a query answered late was slow, not dropped
+            if not never:
                 continue
-            e = Examples(count=s.timeouts, lines=s.lines, first=s.first, last=s.last)
+            e = Examples(count=never, lines=s.lines, first=s.first, last=s.last)
+            late = f" ({s.late} more were answered late)" if s.late else ""
             out.append(finding(
                 "dns_server_dropped", "warning",
-                f"{comm} ({pid}) serving {local}: {s.timeouts} of {s.queries} queries received were not answered"
-                f"{within}",
+                f"{comm} ({pid}) serving {local}: {never} of {s.queries} queries received were not answered"
+                f"{within}{late}",
                 {**s.identity, "server": local}, e,
                 "The local DNS server read the queries and never replied: overload, a stuck upstream, or a crash loop.",
             ))

@@ -17,6 +17,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 from ktrace.analyze.common import endpoint
+from ktrace.analyze.dns import is_message
 from ktrace.enrich.identity import owner_pod
 
 MAX_PODS = 100  # rows in summary.json, most events first
@@ -138,11 +139,11 @@ class PodAnalysis:
         # like ktrace.analyze.dns: a client's server is the remote end, a local server's is its own endpoint
         server = endpoint(event["saddr"], event["sport"]) if role == "server" else endpoint(
             event["daddr"], event["dport"])
+        if kind != "dns_timeout" and not is_message(event):
+            return
         if kind == "dns_query":
             self._count(pod.dns, (role, server), queries=1, errors=int(bool(event.get("error"))))
         elif kind == "dns_reply":
-            if event.get("continuation"):
-                return
             failed = bool(event.get("error"))
             self._count(pod.dns, (role, server), replies=int(not failed), errors=int(failed))
         elif event.get("window_end"):

@@ -16,6 +16,19 @@ from ktrace.analyze.udp import UdpAnalysis
 
 SCHEMA = "ktrace.summary/1"
 LOSS_KINDS = ("filtered", "sampled_out", "ringbuf_full", "capped", "disk_full", "undecodable")
+# The families --sample narrows, and what one keep-or-drop decision covers: "ports", a flow by its two ports, the
+# same at both ends (bpf/common.bpf.h kt_sample_ports); "socket", every event of one TCP socket (bpf/tcp.bpf.c).
+SAMPLED_FAMILIES = {"tcp_state": "socket", "connect": "socket", "retransmit": "socket", "reset": "socket",
+                    "udp": "ports", "dns": "ports"}
+
+
+def sampling(every: int, probes: list[dict]) -> dict:
+    """What --sample kept: 1 flow in `every` of the families listed (those that ran); the others are whole."""
+    ran = {row["family"] for row in probes if row["status"] == "ok"}
+    if every <= 1:
+        return {"every": 1, "families": []}
+    return {"every": every, "families": [{"family": f, "decision": unit}
+                                         for f, unit in SAMPLED_FAMILIES.items() if f in ran]}
 
 
 class Summary:
@@ -55,6 +68,7 @@ class Summary:
         nat: with --with-conntrack, the translations conntrack showed on the window's events (else None);
         cri: where pod and container names came from (ktrace.enrich.containers), None when not recorded."""
         options = meta.get("options", {})
+        every = options.get("sample", 1)
         sched_warn, bio_warn = options.get("sched_warn_ms"), options.get("bio_warn_ms")
         findings = (self.dns.findings(options.get("dns_timeout_s")) + self.lookups.findings()
                     + self.tcp.findings() + self.oom.findings() + self.processes.findings() + self.drops.findings()
@@ -82,10 +96,11 @@ class Summary:
             "counts": dict(sorted(self.counts.items())),
             "losses": {"by_family": losses, "total": total, "balanced": unaccounted == 0},
             "probes": probes,
-            "tcp": self.tcp.summary(),
+            "sampling": sampling(every, probes),
+            "tcp": {**self.tcp.summary(), "sample_every": every},
             "top_talkers": self.tcp.top_talkers(),
-            "udp": {**self.udp.summary(), "kernel_map": udp_map},
-            "dns": self.dns.summary(),
+            "udp": {**self.udp.summary(), "kernel_map": udp_map, "sample_every": every},
+            "dns": {**self.dns.summary(), "sample_every": every},
             "dns_suspects": self.dns.suspects(),
             "dns_lookups": self.lookups.summary(),
             "oom": self.oom.summary(),

@@ -36,8 +36,8 @@ EAI_NAMES = {
 H_ERRNO_NAMES = {-1: "NETDB_INTERNAL", 1: "HOST_NOT_FOUND", 2: "TRY_AGAIN", 3: "NO_RECOVERY", 4: "NO_DATA"}
 LOOKUP_FAMILIES = {0: "any", 2: "ipv4", 10: "ipv6"}
 PROTOCOLS = {6: "tcp", 17: "udp"}
-SCHEMA_VERSION = 4  # 2: UDP, DNS, process, OOM, drops, sched and blockio events; 3: cgroup_path, k8s, cgroup_mkdir;
-# 4: image in k8s
+SCHEMA_VERSION = 5  # 2: UDP, DNS, process, OOM, drops, sched and blockio events; 3: cgroup_path, k8s, cgroup_mkdir;
+# 4: image in k8s; 5: sk_ino and length_prefix in DNS events
 
 
 def errno_name(value: int) -> str | None:
@@ -63,7 +63,7 @@ KIND_FIELDS = {
     "retransmit": ("skaddr", "state", "total_retrans", "snd_cwnd", "srtt_us", "err"),
     "reset": ("skaddr", "direction", "state", "reason"),
     "udp_flow": ("direction", "netns", "packets", "bytes", "errors", "last_error", "last_ns"),
-    "dns": ("skaddr", "netns", "protocol", "message", "role", "ret"),
+    "dns": ("skaddr", "sk_ino", "netns", "protocol", "message", "role", "ret"),
     "dns_lookup": ("function", "name", "family", "ret", "h_errno", "latency_ns"),
     "oom": ("total_vm_kb", "anon_rss_kb", "file_rss_kb", "shmem_rss_kb", "pgtables_kb", "oom_score_adj", "source",
             "trigger_pid", "trigger_tid", "trigger_comm"),
@@ -276,8 +276,9 @@ class Decoder:
         return "udp_flow"
 
     def _fmt_dns(self, event: dict, f: tuple) -> str:
-        skaddr, netns, protocol, message, role, ret = f
+        skaddr, sk_ino, netns, protocol, message, role, ret = f
         event["sk"] = f"{skaddr:#x}"
+        event["sk_ino"] = sk_ino
         event["netns_sk"] = netns
         event["protocol"] = PROTOCOLS.get(protocol, str(protocol))
         event["role"] = generated.DNS_ROLE.get(role, str(role))

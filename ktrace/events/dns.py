@@ -2,11 +2,20 @@
 
 The kernel reports every DNS message a local socket sends or receives, without
 reading a byte of it, so there is no DNS id to pair by. A reply answers the
-oldest unanswered query on the same socket with the same remote end (glibc
-sends A and AAAA on one socket and reads two replies; any order within that pair
-changes an RTT by microseconds). A query with no reply after the timeout, or
-when the window ends, becomes a dns_timeout event; a reply that comes later is
-still paired with it and marked late.
+oldest unanswered query of the same socket with the same remote end: the same
+local and remote address and port, network namespace and socket (its address
+and inode number, since the kernel hands a closed socket's memory and port to
+new ones). glibc sends A and AAAA on one socket and reads two replies; any
+order within that pair changes an RTT by microseconds. A query with no reply
+after the timeout, or when the window ends, becomes a dns_timeout event; a reply
+that comes later is still paired with it, marked late, and its RTT counts.
+
+DNS over TCP frames each message with a 2-byte length. Many readers (unbound,
+for one) take the length first and the message in a second read, and some
+writers send them apart: a TCP read or write of at most 2 bytes is that length
+alone (length_prefix), part of the message that follows, never a message itself.
+A TCP read soon after a reply, with no query waiting, is the rest of that reply
+(continuation). Neither counts as a message, and RTTs run between messages.
 """
 
 from __future__ import annotations
@@ -15,16 +24,18 @@ from collections import OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
+DNS_TIMEOUT_S = 5.0  # --dns-timeout's default: glibc's resolver waits 5 s for a reply (RES_TIMEOUT, resolv.conf(5))
 MAX_PENDING = 65536  # unanswered queries tracked at once
 MAX_EXPIRED = 16384  # sockets whose timed-out queries are remembered for late replies
 MAX_EXPIRED_PER_KEY = 64
 LATE_REPLY_NS = 30_000_000_000  # how long a timed-out query can still be answered
 TCP_CONTINUATION_NS = 1_000_000_000  # a TCP read this soon after a reply is the rest of it
+TCP_LENGTH_PREFIX = 2  # bytes of the length that frames every DNS message over TCP (RFC 1035 4.2.2)
 
 # The fields of a query that its timeout event repeats: who asked whom.
 _TIMEOUT_FIELDS = ("pid", "tid", "ppid", "comm", "uid", "gid", "attribution", "cgroup_id", "memcg_id", "netns",
                    "mntns", "pidns", "userns", "seccomp", "cap_eff", "cgroup_path", "k8s", "family", "saddr", "sport",
-                   "daddr", "dport", "sk", "netns_sk", "protocol", "role")
+                   "daddr", "dport", "sk", "sk_ino", "netns_sk", "protocol", "role")
 
 
 @dataclass
@@ -35,7 +46,14 @@ class _Query:
 
 
 def _key(event: dict) -> tuple:
-    return (event["netns_sk"], event["sk"], event["daddr"], event["dport"])
+    """The socket and both ends: never a reused socket address or port alone."""
+    return (event["netns_sk"], event["sk"], event["sk_ino"], event["saddr"], event["sport"], event["daddr"],
+            event["dport"])
+
+
+def _length_prefix(event: dict) -> bool:
+    """A TCP read or write of the 2-byte length (or one byte of it) alone."""
+    return event["protocol"] == "tcp" and event["bytes"] is not None and event["bytes"] <= TCP_LENGTH_PREFIX
 
 
 class DnsPairer:
@@ -54,7 +72,13 @@ class DnsPairer:
         self.not_tracked = 0  # queries beyond MAX_PENDING: written, never paired
 
     def add(self, event: dict) -> None:
-        if event["type"] == "dns_query":
+        if _length_prefix(event):
+            event["length_prefix"] = True  # the message it frames is the next read or write
+            if event["type"] == "dns_reply":
+                event["rtt_ms"] = None
+                event["query_line"] = None
+            self.write(event)
+        elif event["type"] == "dns_query":
             self._query(event)
         else:
             self._reply(event)

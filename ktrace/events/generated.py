@@ -688,7 +688,7 @@ UDP_FLOW_EVENT = Layout(
 
 DNS_EVENT = Layout(
     'kt_dns_event',
-    160,
+    168,
     (
         Field('hdr.ts_ns', 0, 'Q', '__u64'),
         Field('hdr.kind', 8, 'H', '__u16'),
@@ -709,16 +709,17 @@ DNS_EVENT = Layout(
         Field('task.seccomp_mode', 76, 'I', '__u32'),
         Field('task.comm', 80, '16s', '__u8[16]'),
         Field('skaddr', 96, 'Q', '__u64'),
-        Field('ret', 104, 'i', '__s32'),
-        Field('netns', 108, 'I', '__u32'),
-        Field('saddr', 112, '16s', '__u8[16]'),
-        Field('daddr', 128, '16s', '__u8[16]'),
-        Field('sport', 144, 'H', '__u16'),
-        Field('dport', 146, 'H', '__u16'),
-        Field('family', 148, 'H', '__u16'),
-        Field('protocol', 150, 'H', '__u16'),
-        Field('message', 152, 'B', '__u8'),
-        Field('role', 153, 'B', '__u8'),
+        Field('sk_ino', 104, 'Q', '__u64'),
+        Field('ret', 112, 'i', '__s32'),
+        Field('netns', 116, 'I', '__u32'),
+        Field('saddr', 120, '16s', '__u8[16]'),
+        Field('daddr', 136, '16s', '__u8[16]'),
+        Field('sport', 152, 'H', '__u16'),
+        Field('dport', 154, 'H', '__u16'),
+        Field('family', 156, 'H', '__u16'),
+        Field('protocol', 158, 'H', '__u16'),
+        Field('message', 160, 'B', '__u8'),
+        Field('role', 161, 'B', '__u8'),
     ),
 )
 

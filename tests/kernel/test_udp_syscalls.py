@@ -213,8 +213,10 @@ def test_dns_over_tcp_send_and_recv_are_seen_on_the_dns_port(dns_run):
     for e in queries + replies:
         assert e["comm"] == "kt-dnstcp" and e["protocol"] == "tcp" and e["role"] == "client"
         assert (e["daddr"], e["dport"]) == ("127.0.0.1", 53)
-    answered = [r for r in replies if not r.get("continuation")]
+    # the length read alone is the message's length prefix; the message read is the reply
+    answered = [r for r in replies if not r.get("length_prefix")]
     assert len(answered) == 2 and all(r["rtt_ms"] is not None and r["rtt_ms"] > 0 for r in answered)
+    assert [r["bytes"] for r in replies if r.get("length_prefix")] == [2, 2]
 
 
 @pytest.mark.parametrize("window", ["run", "dns_run"])

@@ -98,11 +98,90 @@ def test_the_second_read_of_a_tcp_reply_is_a_continuation():
     pairer, out = _pairer()
     tcp = {"protocol": "tcp"}
     pairer.add(_at(QUERY, 0, **tcp))
-    pairer.add(_at(REPLY, 3, bytes=2, **tcp))
+    pairer.add(_at(REPLY, 3, bytes=300, **tcp))
     pairer.add(_at(REPLY, 3.1, bytes=60, **tcp))
     first, second = out.of("dns_reply")
     assert first["rtt_ms"] == 3.0 and "continuation" not in first
     assert second["continuation"] is True and second["rtt_ms"] is None
+
+
+def test_a_tcp_length_prefix_read_alone_is_part_of_the_message_and_the_rtt_runs_to_the_message():
+    pairer, out = _pairer()
+    tcp = {"protocol": "tcp"}
+    pairer.add(_at(QUERY, 0, **tcp))
+    pairer.add(_at(REPLY, 3, bytes=2, **tcp))  # the client reads the length first
+    pairer.add(_at(REPLY, 3.5, bytes=58, **tcp))
+    prefix, message = out.of("dns_reply")
+    assert prefix["length_prefix"] is True and prefix["rtt_ms"] is None and prefix["query_line"] is None
+    assert message["rtt_ms"] == 3.5 and message["query_line"] == 1 and "continuation" not in message
+    pairer.expire(T0 + 10 * TIMEOUT_NS, window_end=True)
+    assert not out.of("dns_timeout")
+
+
+def _server(ms: float, kind: str, nbytes: int) -> dict:
+    """A local DNS server's TCP read (query) or write (reply) on its accepted socket."""
+    return _at(QUERY if kind == "dns_query" else REPLY, ms, type=kind, role="server", protocol="tcp",
+               bytes=nbytes, sport=53, dport=40000, sk="0x5", sk_ino=777)
+
+
+def test_a_server_reading_the_length_and_the_message_apart_receives_one_query_per_exchange():
+    pairer, out = _pairer()
+    analysis = DnsAnalysis()
+    for i in range(3):  # unbound: recv(2), recv(52), send(58); or two 1-byte reads of the length
+        reads = [2, 52] if i < 2 else [1, 1, 52]
+        for j, n in enumerate(reads):
+            pairer.add(_server(i * 10 + j * 0.1, "dns_query", n))
+        pairer.add(_server(i * 10 + 1, "dns_reply", 58))
+    pairer.expire(T0 + 10 * TIMEOUT_NS, window_end=True)
+    assert not out.of("dns_timeout")
+    queries = [q for q in out.of("dns_query") if not q.get("length_prefix")]
+    assert [q["bytes"] for q in queries] == [52, 52, 52]
+    assert [r["rtt_ms"] for r in out.of("dns_reply")] == [0.9, 0.9, 0.8]  # from the message, not the length
+    for number, event in enumerate(out, 1):
+        analysis.add(event, number)
+    (served,) = analysis.summary()["served"]
+    assert (served["queries"], served["replies"], served["timeouts"]) == (3, 3, 0)
+    assert not [f for f in analysis.findings(2.0) if f["rule"] == "dns_server_dropped"]
+
+
+def test_a_reply_to_a_fresh_socket_at_a_reused_address_answers_that_socket_not_the_old_one():
+    pairer, out = _pairer()
+    # the kernel gave the closed socket's memory to the next one: same sk, another port and inode
+    pairer.add(_at(QUERY, 0, sport=40001, sk_ino=1001))  # dropped by the server
+    pairer.add(_at(QUERY, 100, sport=40002, sk_ino=1002))
+    pairer.add(_at(REPLY, 100.2, sport=40002, sk_ino=1002))
+    (reply,) = out.of("dns_reply")
+    assert reply["rtt_ms"] == 0.2 and reply["query_line"] == 2
+    pairer.expire(T0 + 10 * TIMEOUT_NS)
+    (timeout,) = out.of("dns_timeout")
+    assert (timeout["sport"], timeout["sk_ino"]) == (40001, 1001)
+
+
+def test_the_same_socket_address_and_port_with_another_inode_is_another_socket():
+    pairer, out = _pairer()
+    pairer.add(_at(QUERY, 0, sk_ino=1001))
+    pairer.add(_at(REPLY, 5, sk_ino=1002))
+    assert out.of("dns_reply")[0]["rtt_ms"] is None
+
+
+def test_late_replies_count_in_the_reply_times_make_slow_dns_and_the_timeout_says_they_came_late():
+    pairer, out = _pairer()
+    for i in range(5):
+        pairer.add(_at(QUERY, i, sport=41000 + i, sk_ino=2000 + i))
+    pairer.expire(T0 + TIMEOUT_NS + 10 * MS)
+    for i in range(5):
+        pairer.add(_at(REPLY, 3000 + i, sport=41000 + i, sk_ino=2000 + i))
+    analysis = DnsAnalysis()
+    for number, event in enumerate(out, 1):
+        analysis.add(event, number)
+    summary = analysis.summary()
+    assert (summary["queries"], summary["replies"], summary["late_replies"], summary["timeouts"]) == (5, 5, 5, 5)
+    assert summary["rtt_ms"]["count"] == 5 and summary["rtt_ms"]["p50"] == 3000.0
+    findings = {f["rule"]: f for f in analysis.findings(2.0)}
+    assert findings["slow_dns"]["evidence"]["count"] == 5
+    timeout = findings["dns_timeout"]
+    assert "5 of them were answered late (the slowest after 3000 ms), 0 never" in timeout["title"]
+    assert timeout["severity"] == "warning"  # slow, not lost
 
 
 def _flow(**changes: object) -> dict:
@@ -177,3 +256,17 @@ def test_udp_top_talkers_are_by_bytes_both_ways():
     assert client["bytes_out"] == sum(f["bytes"] for f in flows if f["direction"] == "egress")
     assert client["bytes"] == sum(f["bytes"] for f in flows)
     assert summary["top_flows"][0]["bytes"] == max(f["bytes"] for f in EVENTS if f["type"] == "udp_flow")
+
+
+def test_a_local_server_answering_late_is_not_said_to_drop_queries():
+    pairer, out = _pairer()
+    pairer.add(_server(0, "dns_query", 52))
+    pairer.add(_server(1, "dns_query", 52))
+    pairer.expire(T0 + TIMEOUT_NS + 10 * MS)
+    pairer.add(_server(2500, "dns_reply", 58))  # the first one, late; the second never
+    analysis = DnsAnalysis()
+    for number, event in enumerate(out, 1):
+        analysis.add(event, number)
+    (dropped,) = [f for f in analysis.findings(2.0) if f["rule"] == "dns_server_dropped"]
+    assert dropped["evidence"]["count"] == 1
+    assert "1 of 2 queries received were not answered within 2 s (1 more were answered late)" in dropped["title"]

@@ -200,6 +200,8 @@ class _Recorder:
                 self.write_event(event)
 
     def add_flow(self, event: dict) -> None:
+        if self.conntrack is not None:
+            self.conntrack.note(event)  # its namespace's table is read before the flow is written
         self.flows.add(event)
         if self.flows.full:
             self.write_flows()
@@ -302,10 +304,10 @@ def run(opts: SnapshotOptions) -> SnapshotResult:
             counters = cap.counters()
             process_counts = cap.process_counts()
             recorder.records(cap.drain())
+            recorder.records(cap.flows())  # before conntrack's last read, which then covers the flows' namespaces
             if reader is not None:
                 reader.stop()  # joins the thread and reads once more: the window's last connections
                 recorder.write_conntrack_ready(window_end=True)
-            recorder.records(cap.flows())
             recorder.write_flows()
             drop_counts = cap.drop_counts()
             boot_end = time.clock_gettime_ns(time.CLOCK_BOOTTIME)

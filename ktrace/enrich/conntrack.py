@@ -10,9 +10,15 @@ it with setns(2) in its own thread (setns changes only the calling thread), foun
 through /run/netns/* or /proc/<pid>/ns/net. The thread only fills the table; the
 capture loop annotates events from it with one dict lookup each and never waits.
 
-An entry is indexed by both its tuples, so a socket matches whichever side it
-is on: a client's (saddr, sport, daddr, dport) is the original tuple, the
-backend's accepted socket sees the reply tuple as its own.
+An event is matched only against the table of the namespace it happened in
+(the socket's for udp_flow, else the task's): the same tuple in another
+namespace's table is another connection, or one seen before or after NAT.
+Within it, an entry matches in any of four directions, and the annotation says
+which: a client's socket and its request flow are the original tuple, the
+backend's accepted socket and its response flow the reply tuple; a udp_flow
+runs from the datagrams' source to their destination, so the response as the
+client receives it (from the VIP) is the original reversed, and the request as
+the backend receives it is the reply reversed.
 """
 
 from __future__ import annotations
@@ -29,7 +35,7 @@ from dataclasses import dataclass
 
 from ktrace.enrich.identity import owner_pod
 
-MAX_ENTRIES = 65536  # original tuples kept (each indexed twice); a full table takes no new entries
+MAX_ENTRIES = 65536  # entries kept (each indexed in four directions); a full table takes no new entries
 MAX_NAMESPACES = 64  # network namespaces read besides ktrace's own
 REFRESH_S = 2.0
 READ_BUDGET_S = 1.0  # one round stops reading more namespaces after this long
@@ -65,10 +71,14 @@ class Entry:
         snat = (self.orig[0], self.orig[1]) != (self.reply[2], self.reply[3])
         return "both" if dnat and snat else "dnat" if dnat else "snat" if snat else None
 
-    def annotation(self) -> dict:
+    def annotation(self, matched: str) -> dict:
         saddr, sport, daddr, dport = self.reply
         return {"state": self.state, "reply": {"saddr": saddr, "sport": sport, "daddr": daddr, "dport": dport},
-                "nat": self.nat, "mark": self.mark, "zone": self.zone}
+                "nat": self.nat, "matched": matched, "mark": self.mark, "zone": self.zone}
+
+
+def _reversed(t: Tuple) -> Tuple:
+    return (t[2], t[3], t[0], t[1])
 
 
 def _udp_state(status: int) -> str:
@@ -134,32 +144,36 @@ def read_netlink(netns: int = 0) -> list[Entry]:
 
 
 class ConntrackTable:
-    """Entries by (proto, saddr, sport, daddr, dport) of either direction; bounded."""
+    """Entries by (netns, proto, saddr, sport, daddr, dport) in each of their four directions; bounded."""
 
     def __init__(self, max_entries: int = MAX_ENTRIES) -> None:
         self.max_entries = max_entries
-        self._by_tuple: dict[tuple, Entry] = {}
-        self._by_netns_tuple: dict[tuple, Entry] = {}
+        self._entries: dict[tuple, Entry] = {}  # by (netns, proto, *orig)
+        self._literal: dict[tuple, tuple[Entry, str]] = {}  # the original and reply tuples
+        self._reversed: dict[tuple, tuple[Entry, str]] = {}  # the same, read the other way
         self.full = False
 
     def __len__(self) -> int:
-        return len(self._by_netns_tuple) // 2
+        return len(self._entries)
 
     def update(self, entries: Iterable[Entry]) -> None:
         # entries are kept after they leave the kernel's table: an event may be written after its entry expired
         for e in entries:
             key = (e.netns, e.proto, *e.orig)
-            if key not in self._by_netns_tuple and len(self._by_netns_tuple) >= 2 * self.max_entries:
+            if key not in self._entries and len(self._entries) >= self.max_entries:
                 self.full = True
                 continue
-            for tup in (e.orig, e.reply):
-                self._by_netns_tuple[(e.netns, e.proto, *tup)] = e
-                self._by_tuple[(e.proto, *tup)] = e
+            self._entries[key] = e
+            for tup, literal, backwards in ((e.orig, "original", "original_reversed"),
+                                            (e.reply, "reply", "reply_reversed")):
+                self._literal[(e.netns, e.proto, *tup)] = (e, literal)
+                self._reversed[(e.netns, e.proto, *_reversed(tup))] = (e, backwards)
 
-    def lookup(self, proto: str, saddr: str, sport: int, daddr: str, dport: int, netns: int = 0) -> Entry | None:
-        """The entry of this socket tuple, preferring the event's own namespace."""
-        return (self._by_netns_tuple.get((netns, proto, saddr, sport, daddr, dport))
-                or self._by_tuple.get((proto, saddr, sport, daddr, dport)))
+    def lookup(self, proto: str, saddr: str, sport: int, daddr: str, dport: int,
+               netns: int) -> tuple[Entry, str] | None:
+        """The entry of this tuple in this namespace's table, and which of its directions the tuple is."""
+        key = (netns, proto, saddr, sport, daddr, dport)
+        return self._literal.get(key) or self._reversed.get(key)
 
 
 def read_stats(path: str) -> dict[str, int]:
@@ -229,7 +243,8 @@ class ConntrackReader:
         if pid and len(pids) < 8:
             pids.add(pid)
 
-    def lookup(self, proto: str, saddr: str, sport: int, daddr: str, dport: int, netns: int = 0) -> Entry | None:
+    def lookup(self, proto: str, saddr: str, sport: int, daddr: str, dport: int,
+               netns: int) -> tuple[Entry, str] | None:
         with self._lock:
             return self.table.lookup(proto, saddr, sport, daddr, dport, netns)
 
@@ -467,6 +482,12 @@ class Annotator:
         self._pending: deque[tuple[int, dict]] = deque()
         self.annotated = self.unmatched = 0
 
+    def note(self, event: dict) -> None:
+        """An event to be annotated later (a UDP flow, written when it ends): its namespace is read from now on."""
+        key = event_key(event)
+        if key is not None:
+            self.reader.note(key[5], event.get("pid", 0))
+
     def annotate(self, event: dict, final: bool = False) -> bool:
         """Set event["conntrack"]; False when it missed and may be held back for a later round."""
         key = event_key(event)
@@ -475,14 +496,15 @@ class Annotator:
             return True
         proto, saddr, sport, daddr, dport, netns = key
         self.reader.note(netns, event.get("pid", 0))
-        entry = self.reader.lookup(proto, saddr, sport, daddr, dport, netns)
-        if entry is None:
+        match = self.reader.lookup(proto, saddr, sport, daddr, dport, netns)
+        if match is None:
             if not final:
                 return False
             event["conntrack"] = None
             self.unmatched += 1
             return True
-        event["conntrack"] = entry.annotation()
+        entry, matched = match
+        event["conntrack"] = entry.annotation(matched)
         self.annotated += 1
         self.nat.add(event, entry)
         return True

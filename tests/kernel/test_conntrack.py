@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -75,6 +76,203 @@ def test_tcp_events_through_a_dnat_carry_the_reply_tuple_of_the_backend(tmp_path
     tcp = next(t for t in translations if t["protocol"] == "tcp" and t["original"] == f"{VIP}:{TCP_VIP}")
     assert tcp["translated"] == f"{BACKEND}:{TCP_BACKEND}" and tcp["nat"] == "dnat"
     assert tcp["connections"] >= 1 and tcp["processes"]
+    assert bundle.summary["nat"]["reads"]["failed"] == 0
+    assert validate_bundle({k: v for k, v in bundle.paths.items() if k != "bundle.tgz"}) == []
+
+
+def conntrack_list(netns: str, proto: str = "udp") -> list[dict]:
+    """`conntrack -L` inside the namespace, the ground truth: each entry's original and reply tuples."""
+    out = subprocess.run(["ip", "netns", "exec", netns, "conntrack", "-L", "-p", proto], capture_output=True,
+                         text=True, check=True, timeout=30).stdout
+    entries = []
+    for line in out.splitlines():
+        fields = dict.fromkeys(("src", "dst", "sport", "dport"))
+        tuples = []
+        for word in line.split():
+            key, _, value = word.partition("=")
+            if key in fields:
+                fields[key] = value
+                if key == "dport":
+                    tuples.append((fields["src"], int(fields["sport"]), fields["dst"], int(fields["dport"])))
+        if len(tuples) >= 2:
+            entries.append({"orig": tuples[0], "reply": tuples[1], "unreplied": "[UNREPLIED]" in line})
+    return entries
+
+
+def reply_of(entry: dict) -> dict:
+    saddr, sport, daddr, dport = entry["reply"]
+    return {"saddr": saddr, "sport": sport, "daddr": daddr, "dport": dport}
+
+
+def flow_tuple(flow: dict) -> tuple[str, int, str, int]:
+    return flow["saddr"], flow["sport"], flow["daddr"], flow["dport"]
+
+
+def test_udp_flows_of_both_ends_through_a_dnat_match_the_entry_in_all_four_directions(tmp_path, nat_netns):
+    """One namespace, the client and the backend on its loopback: all four flows are of the one DNAT entry."""
+    result, listed = {}, []
+
+    def work() -> None:
+        result.update(talk_through_vip(nat_netns))
+        listed.extend(conntrack_list(nat_netns))
+
+    bundle = record_during(tmp_path, work, "--with-conntrack", "--probes=tcp_state,udp,udp_peers")
+    client, backend = tuple(result["udp_client"]), tuple(result["udp_backend"])
+    (truth,) = [e for e in listed if e["orig"] == client]
+    assert truth["reply"] == backend and not truth["unreplied"]
+    netns = os.stat(f"/run/netns/{nat_netns}").st_ino
+    expected = {  # (direction, the flow's source → destination): which tuple of the entry it is
+        ("egress", client): "original",  # the query out of the client, to the VIP
+        ("ingress", backend[2:] + backend[:2]): "reply_reversed",  # the query into the backend
+        ("egress", backend): "reply",  # the answer out of the backend
+        ("ingress", client[2:] + client[:2]): "original_reversed",  # the answer into the client, from the VIP
+    }
+    flows = {(f["direction"], flow_tuple(f)): f for f in bundle.of_type("udp_flow")
+             if {flow_tuple(f), flow_tuple(f)[2:] + flow_tuple(f)[:2]} & {client, backend}}
+    assert set(flows) == set(expected), flows
+    for key, matched in expected.items():
+        flow = flows[key]
+        assert flow["netns_sk"] == netns
+        ct = flow["conntrack"]
+        assert ct is not None, (key, flow)
+        assert (ct["matched"], ct["nat"], ct["reply"]) == (matched, "dnat", reply_of(truth)), key
+        assert ct["state"] in ("REPLIED", "ASSURED")
+    assert validate_bundle({k: v for k, v in bundle.paths.items() if k != "bundle.tgz"}) == []
+
+
+SERVICE_VIP, CLIENT_ADDR, SERVER_ADDR, DNSMASQ_PORT = "10.96.0.53", "10.78.0.1", "10.78.0.2", 5353
+ANSWER = "10.1.2.3"
+QUERIES = 5
+SERVER_TRACKS = """table inet kt10filter {
+  chain input {
+    type filter hook input priority 0;
+    ct state new,established accept
+  }
+}
+"""
+
+
+class DnsBehindVip:
+    """A client netns whose 10.96.0.53:53/udp (a Service VIP) is DNATed (nftables, output) to dnsmasq on
+    10.78.0.2:5353 in a server netns, over a veth pair. The server's netns tracks connections only when asked
+    (a `ct state` rule, as a node's firewall has); else its conntrack table stays empty."""
+
+    def __init__(self, tmp_path, server_tracks: bool) -> None:
+        self.client = f"kt10nat-c-{os.getpid()}"
+        self.server = f"kt10nat-s-{os.getpid()}"
+        self.server_tracks = server_tracks
+        self.log = tmp_path / "dnsmasq.log"
+        self.dnsmasq: subprocess.Popen | None = None
+
+    def __enter__(self) -> DnsBehindVip:
+        try:
+            self._start()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _start(self) -> None:
+        veth_c, veth_s = f"kt10c{os.getpid() % 100000}", f"kt10s{os.getpid() % 100000}"
+        for ns in (self.client, self.server):
+            subprocess.run(["ip", "netns", "add", ns], check=True)
+            subprocess.run(["ip", "-n", ns, "link", "set", "lo", "up"], check=True)
+        subprocess.run(["ip", "link", "add", veth_c, "netns", self.client, "type", "veth", "peer", "name", veth_s,
+                        "netns", self.server], check=True)
+        for ns, dev, addr in ((self.client, veth_c, CLIENT_ADDR), (self.server, veth_s, SERVER_ADDR)):
+            subprocess.run(["ip", "-n", ns, "addr", "add", f"{addr}/24", "dev", dev], check=True)
+            subprocess.run(["ip", "-n", ns, "link", "set", dev, "up"], check=True)
+        subprocess.run(["ip", "-n", self.client, "route", "add", f"{SERVICE_VIP}/32", "via", SERVER_ADDR],
+                       check=True)
+        rules = (f"table ip kt10nat {{\n  chain output {{\n    type nat hook output priority -100;\n"
+                 f"    ip daddr {SERVICE_VIP} udp dport 53 dnat to {SERVER_ADDR}:{DNSMASQ_PORT}\n  }}\n}}\n")
+        subprocess.run(["ip", "netns", "exec", self.client, "nft", "-f", "-"], input=rules, text=True, check=True)
+        if self.server_tracks:
+            subprocess.run(["ip", "netns", "exec", self.server, "nft", "-f", "-"], input=SERVER_TRACKS, text=True,
+                           check=True)
+        with open(self.log, "wb") as log:
+            self.dnsmasq = subprocess.Popen(
+                ["ip", "netns", "exec", self.server, "dnsmasq", "--keep-in-foreground", "--log-queries",
+                 "--log-facility=-", "--no-resolv", "--no-hosts", "--bind-interfaces", "--user=root",
+                 f"--listen-address={SERVER_ADDR}", f"--port={DNSMASQ_PORT}", f"--address=/svc.test/{ANSWER}",
+                 "--pid-file="], stdout=log, stderr=subprocess.STDOUT)
+        for _ in range(200):  # bounded: dnsmasq binds within milliseconds
+            if self.dnsmasq.poll() is not None:
+                raise RuntimeError(f"dnsmasq exited {self.dnsmasq.returncode}: {self.log.read_text()}")
+            listening = subprocess.run(["ip", "netns", "exec", self.server, "ss", "-Hlun", "sport", "=",
+                                        f":{DNSMASQ_PORT}"], capture_output=True, text=True).stdout
+            if listening.strip():
+                return
+            time.sleep(0.05)
+        raise RuntimeError("dnsmasq never listened")
+
+    def dig(self) -> str:
+        return subprocess.run(["ip", "netns", "exec", self.client, "dig", f"@{SERVICE_VIP}", "-p", "53", "svc.test",
+                               "A", "+short", "+tries=1", "+time=5"], capture_output=True, text=True, check=True,
+                              timeout=30).stdout.strip()
+
+    def queries_logged(self) -> int:
+        return sum(1 for line in self.log.read_text().splitlines() if "query[A] svc.test from" in line)
+
+    def close(self) -> None:
+        if self.dnsmasq is not None and self.dnsmasq.poll() is None:
+            self.dnsmasq.terminate()
+            self.dnsmasq.wait(timeout=10)
+        for ns in (self.client, self.server):
+            subprocess.run(["ip", "netns", "del", ns], check=False, capture_output=True)
+
+
+@pytest.mark.parametrize("server_tracks", [False, True], ids=["server-tracks-nothing", "server-tracks-its-own"])
+def test_dns_through_a_service_vip_each_flow_carries_the_entry_of_its_own_namespace(tmp_path, server_tracks):
+    """dig in a client netns → VIP DNAT → dnsmasq in a server netns. The client's flows (query out, answer in) carry
+    the client table's DNAT entry; the server's (query in, answer out) carry the server table's own entry when
+    it has one, and none when its table is empty: never the client namespace's."""
+    answers, client_ct, server_ct = [], [], []
+    with DnsBehindVip(tmp_path, server_tracks) as rig:
+        def work() -> None:
+            answers.extend(rig.dig() for _ in range(QUERIES))
+            client_ct.extend(conntrack_list(rig.client))
+            server_ct.extend(conntrack_list(rig.server))
+
+        bundle = record_during(tmp_path, work, "--with-conntrack", "--probes=tcp_state,udp,udp_peers")
+        assert rig.queries_logged() == QUERIES
+        client_ns = os.stat(f"/run/netns/{rig.client}").st_ino
+        server_ns = os.stat(f"/run/netns/{rig.server}").st_ino
+    assert answers == [ANSWER] * QUERIES
+    client_entries = [e for e in client_ct if e["orig"][2:] == (SERVICE_VIP, 53)]
+    assert len(client_entries) == QUERIES and all(not e["unreplied"] for e in client_entries)
+    assert {e["reply"][:2] for e in client_entries} == {(SERVER_ADDR, DNSMASQ_PORT)}
+    server_entries = [e for e in server_ct if e["orig"][2:] == (SERVER_ADDR, DNSMASQ_PORT)]
+    assert len(server_entries) == (QUERIES if server_tracks else 0)
+
+    flows = bundle.of_type("udp_flow")
+    by_port = {e["orig"][1]: e for e in client_entries}
+    client_flows = [f for f in flows if f["netns_sk"] == client_ns and SERVICE_VIP in (f["saddr"], f["daddr"])]
+    assert sorted((f["direction"], f["dport"] if f["direction"] == "ingress" else f["sport"]) for f in client_flows) \
+        == sorted((d, port) for port in by_port for d in ("egress", "ingress"))
+    for flow in client_flows:
+        port = flow["sport"] if flow["direction"] == "egress" else flow["dport"]
+        ct = flow["conntrack"]
+        assert ct is not None, (flow["direction"], flow_tuple(flow), flow["comm"], client_entries, bundle.summary["nat"])
+        assert ct["matched"] == ("original" if flow["direction"] == "egress" else "original_reversed")
+        assert (ct["nat"], ct["reply"]) == ("dnat", reply_of(by_port[port])), flow
+
+    server_flows = [f for f in flows if f["netns_sk"] == server_ns and DNSMASQ_PORT in (f["sport"], f["dport"])]
+    assert sorted((f["direction"], f["sport"] if f["direction"] == "ingress" else f["dport"]) for f in server_flows) \
+        == sorted((d, port) for port in by_port for d in ("egress", "ingress"))
+    own = {e["orig"][1]: e for e in server_entries}
+    for flow in server_flows:
+        port = flow["sport"] if flow["direction"] == "ingress" else flow["dport"]
+        ct = flow["conntrack"]
+        if not server_tracks:
+            assert ct is None, flow  # the client namespace's DNAT entry is not the server's
+            continue
+        assert ct is not None, flow
+        assert ct["matched"] == ("original" if flow["direction"] == "ingress" else "reply")
+        assert (ct["nat"], ct["reply"]) == (None, reply_of(own[port])), flow
     assert bundle.summary["nat"]["reads"]["failed"] == 0
     assert validate_bundle({k: v for k, v in bundle.paths.items() if k != "bundle.tgz"}) == []
 

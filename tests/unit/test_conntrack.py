@@ -61,15 +61,38 @@ def test_nat_kinds():
     assert entry(("a", 1, "vip", 80), ("be", 8080, "gw", 9)).nat == "both"
 
 
-def test_the_table_matches_either_direction_and_prefers_the_events_namespace():
+def test_the_table_matches_each_of_the_four_directions_and_says_which():
+    table = ConntrackTable()
+    dns = entry(("c", 40000, "vip", 53), ("be", 5353, "c", 40000), proto="udp")
+    table.update([dns])
+    assert table.lookup("udp", "c", 40000, "vip", 53, 1) == (dns, "original")  # the client's query out
+    assert table.lookup("udp", "be", 5353, "c", 40000, 1) == (dns, "reply")  # the backend's answer out
+    assert table.lookup("udp", "vip", 53, "c", 40000, 1) == (dns, "original_reversed")  # the answer in, at the client
+    assert table.lookup("udp", "c", 40000, "be", 5353, 1) == (dns, "reply_reversed")  # the query in, at the backend
+    assert table.lookup("tcp", "c", 40000, "vip", 53, 1) is None
+
+
+def test_the_table_matches_only_in_the_events_namespace():
     table = ConntrackTable()
     mine = entry(("c", 1, "vip", 80), ("be", 8080, "c", 1), netns=1)
     other = entry(("c", 1, "vip", 80), ("x", 9, "c", 1), netns=2)
     table.update([mine, other])
-    assert table.lookup("tcp", "c", 1, "vip", 80, 1) is mine
-    assert table.lookup("tcp", "be", 8080, "c", 1, 1) is mine
-    assert table.lookup("tcp", "c", 1, "vip", 80, 2) is other
-    assert table.lookup("udp", "c", 1, "vip", 80, 1) is None
+    assert table.lookup("tcp", "c", 1, "vip", 80, 1) == (mine, "original")
+    assert table.lookup("tcp", "c", 1, "vip", 80, 2) == (other, "original")
+    # the backend's namespace (3) tracks nothing: the client namespace's entry is not its own
+    assert table.lookup("tcp", "be", 8080, "c", 1, 3) is None
+    assert table.lookup("tcp", "c", 1, "vip", 80, 0) is None
+
+
+def test_a_literal_tuple_wins_over_another_entrys_reversed_one():
+    dns = entry(("c", 40000, "vip", 53), ("be", 5353, "c", 40000), proto="udp")
+    from_vip = entry(("vip", 53, "c", 40000), ("c", 40000, "vip", 53), proto="udp")  # dns's original reversed
+    for order in ([dns, from_vip], [from_vip, dns]):
+        table = ConntrackTable()
+        table.update(order)
+        assert table.lookup("udp", "vip", 53, "c", 40000, 1) == (from_vip, "original")
+        assert table.lookup("udp", "c", 40000, "be", 5353, 1) == (dns, "reply_reversed")
+        assert len(table) == 2
 
 
 def test_the_table_is_bounded():
@@ -89,7 +112,7 @@ def test_an_event_that_misses_waits_for_a_round_that_started_after_it():
     assert annotator.ready() == []
     reader.rounds_started = reader.rounds_done = 2
     (written,) = annotator.ready()
-    assert written["conntrack"] == {"state": "TIME_WAIT", "nat": "dnat", "mark": 0, "zone": 0,
+    assert written["conntrack"] == {"state": "TIME_WAIT", "nat": "dnat", "matched": "original", "mark": 0, "zone": 0,
                                     "reply": {"saddr": "10.77.0.1", "sport": 8080, "daddr": "10.96.0.10",
                                               "dport": 46280}}
     assert reader.noted == [(1, 7), (1, 7)]

@@ -14,9 +14,10 @@ import orjson
 from ktrace import __version__, capture, probes
 from ktrace.enrich import containers
 from ktrace.errors import ExitStatus, KtraceError
+from ktrace.interrupt import Interrupted
 
 EXIT_CODES_HELP = "\b\nExit status:\n" + "\n".join(
-    f"  {s.value}  {s.name.lower().replace('_', ' ')}" for s in ExitStatus
+    f"  {s.value:>3}  {s.name.lower().replace('_', ' ')}" for s in ExitStatus
 )
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
@@ -323,6 +324,9 @@ def main(argv: list[str] | None = None) -> int:
     except click.Abort:
         click.echo("ktrace: aborted", err=True)
         return 130
+    except Interrupted as exc:
+        click.echo(f"ktrace: {exc.message}", err=True)
+        return int(exc.status)
     except KtraceError as exc:
         click.echo(f"ktrace: error: {exc.message}", err=True)
         if verbose and exc.detail:

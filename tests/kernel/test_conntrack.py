@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from ktrace.schemas import validate_bundle
-from tests.helpers import record_during
+from tests.helpers import Rig, record_during
 
 NATTRAFFIC = str(Path(__file__).resolve().parent / "nattraffic.py")
 BACKEND, VIP = "10.77.0.1", "10.96.0.10"
@@ -152,7 +152,7 @@ SERVER_TRACKS = """table inet kt10filter {
 """
 
 
-class DnsBehindVip:
+class DnsBehindVip(Rig):
     """A client netns whose 10.96.0.53:53/udp (a Service VIP) is DNATed (nftables, output) to dnsmasq on
     10.78.0.2:5353 in a server netns, over a veth pair. The server's netns tracks connections only when asked
     (a `ct state` rule, as a node's firewall has); else its conntrack table stays empty."""
@@ -163,17 +163,6 @@ class DnsBehindVip:
         self.server_tracks = server_tracks
         self.log = tmp_path / "dnsmasq.log"
         self.dnsmasq: subprocess.Popen | None = None
-
-    def __enter__(self) -> DnsBehindVip:
-        try:
-            self._start()
-        except BaseException:
-            self.close()
-            raise
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
     def _start(self) -> None:
         veth_c, veth_s = f"kt10c{os.getpid() % 100000}", f"kt10s{os.getpid() % 100000}"
@@ -256,7 +245,7 @@ def test_dns_through_a_service_vip_each_flow_carries_the_entry_of_its_own_namesp
     for flow in client_flows:
         port = flow["sport"] if flow["direction"] == "egress" else flow["dport"]
         ct = flow["conntrack"]
-        assert ct is not None, (flow["direction"], flow_tuple(flow), flow["comm"], client_entries, bundle.summary["nat"])
+        assert ct is not None, (flow["direction"], flow_tuple(flow), client_entries, bundle.summary["nat"])
         assert ct["matched"] == ("original" if flow["direction"] == "egress" else "original_reversed")
         assert (ct["nat"], ct["reply"]) == ("dnat", reply_of(by_port[port])), flow
 

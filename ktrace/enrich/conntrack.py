@@ -10,15 +10,22 @@ it with setns(2) in its own thread (setns changes only the calling thread), foun
 through /run/netns/* or /proc/<pid>/ns/net. The thread only fills the table; the
 capture loop annotates events from it with one dict lookup each and never waits.
 
-An event is matched only against the table of the namespace it happened in
-(the socket's for udp_flow, else the task's): the same tuple in another
-namespace's table is another connection, or one seen before or after NAT.
-Within it, an entry matches in any of four directions, and the annotation says
-which: a client's socket and its request flow are the original tuple, the
-backend's accepted socket and its response flow the reply tuple; a udp_flow
-runs from the datagrams' source to their destination, so the response as the
-client receives it (from the VIP) is the original reversed, and the request as
-the backend receives it is the reply reversed.
+An event is matched against the table of the namespace it happened in (the
+socket's for udp_flow, else the task's), and, when that has no entry for it,
+against the node's table only (PID 1's namespace, and ktrace's own: with
+hostPID or hostNetwork, or run on the node, one of them is the node's): a pod's
+packets cross the node's
+namespace, where kube-proxy's Service DNAT lives, and pod addresses are unique
+on a node. No other namespace's table is searched, and loopback tuples never
+leave their namespace: the same tuple elsewhere is another connection (or
+the client's side of a DNAT the backend's namespace never saw). The annotation
+names the namespace whose table held the entry. Within a table, an entry
+matches in any of four directions, and the annotation says which: a client's
+socket and its request flow are the original tuple, the backend's accepted
+socket and its response flow the reply tuple; a udp_flow runs from the
+datagrams' source to their destination, so the response as the client
+receives it (from the VIP) is the original reversed, and the request as the
+backend receives it is the reply reversed.
 """
 
 from __future__ import annotations
@@ -41,6 +48,7 @@ REFRESH_S = 2.0
 READ_BUDGET_S = 1.0  # one round stops reading more namespaces after this long
 RESCAN_S = 5.0  # a namespace with no known way in triggers a /proc walk at most this often
 CLONE_NEWNET = 0x40000000
+NODE_NETNS = "/proc/1/ns/net"
 PROTOCOLS = {6: "tcp", 17: "udp"}
 # include/uapi/linux/netfilter/nf_conntrack_common.h
 IPS_SEEN_REPLY, IPS_ASSURED, IPS_SRC_NAT, IPS_DST_NAT = 1 << 1, 1 << 2, 1 << 4, 1 << 5
@@ -74,7 +82,7 @@ class Entry:
     def annotation(self, matched: str) -> dict:
         saddr, sport, daddr, dport = self.reply
         return {"state": self.state, "reply": {"saddr": saddr, "sport": sport, "daddr": daddr, "dport": dport},
-                "nat": self.nat, "matched": matched, "mark": self.mark, "zone": self.zone}
+                "nat": self.nat, "matched": matched, "netns": self.netns, "mark": self.mark, "zone": self.zone}
 
 
 def _reversed(t: Tuple) -> Tuple:
@@ -216,6 +224,9 @@ class ConntrackReader:
         self.table = table or ConntrackTable()
         self.refresh_s = refresh_s
         self.own_netns = _netns_inode("/proc/self/ns/net") or 0
+        # the node's namespace, where Service DNAT lives: PID 1's (ktrace in a pod runs with hostPID), always read,
+        # and ktrace's own (run on the node, or with hostNetwork)
+        self.node_netns = _netns_inode(NODE_NETNS) or self.own_netns
         self.warnings: list[str] = []
         self.rounds_started = self.rounds_done = 0
         self.reads: dict[str, int] = {"netlink": 0, "proc": 0, "failed": 0}
@@ -228,6 +239,8 @@ class ConntrackReader:
         self._libc = ctypes.CDLL(None, use_errno=True)
         self.limit = _read_int(CONNTRACK_MAX)
         self._stats: dict[int, _TableStats] = {}  # by netns inode
+        if self.node_netns != self.own_netns:
+            self._wanted[self.node_netns] = {1}
 
     # --- capture loop side: cheap ---
 
@@ -245,8 +258,15 @@ class ConntrackReader:
 
     def lookup(self, proto: str, saddr: str, sport: int, daddr: str, dport: int,
                netns: int) -> tuple[Entry, str] | None:
+        """The entry in the event's namespace's table, else in the node's (never for loopback tuples)."""
         with self._lock:
-            return self.table.lookup(proto, saddr, sport, daddr, dport, netns)
+            match = self.table.lookup(proto, saddr, sport, daddr, dport, netns)
+            if match is not None or _loopback(saddr) or _loopback(daddr):
+                return match
+            for node in (self.node_netns, self.own_netns):
+                if match is None and node != netns:
+                    match = self.table.lookup(proto, saddr, sport, daddr, dport, node)
+            return match
 
     def start(self) -> None:
         self.refresh()
@@ -385,6 +405,13 @@ class ConntrackReader:
                     if not missing:
                         break
         yield from found.items()
+
+
+def _loopback(addr: str) -> bool:
+    try:
+        return ipaddress.ip_address(addr).is_loopback
+    except ValueError:
+        return False
 
 
 def _listdir(path: str) -> list[str]:

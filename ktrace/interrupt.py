@@ -27,10 +27,10 @@ EXIT_STATUS = {"SIGINT": ExitStatus.INTERRUPTED, "SIGTERM": ExitStatus.TERMINATE
 
 
 class Interrupted(KtraceError):
-    """A signal before anything could be recorded."""
+    """A signal that ended ktrace before it had anything to write."""
 
-    def __init__(self, signame: str) -> None:
-        super().__init__(f"interrupted by {signame} before the window started; nothing was recorded")
+    def __init__(self, signame: str, when: str = "before the window started; nothing was recorded") -> None:
+        super().__init__(f"interrupted by {signame} {when}")
         self.signame = signame
         self.status = EXIT_STATUS[signame]
 

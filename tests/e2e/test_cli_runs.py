@@ -173,3 +173,25 @@ def test_quiet_prints_exactly_the_bundle_path_on_stdout(tmp_path):
     assert result.stdout == f"{paths['bundle.tgz']}\n"
     assert_valid_bundle(paths)
     assert "lines written" not in result.stderr  # -q: no status line
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_a_signal_while_doctor_loads_probes_ends_it_with_one_line(tmp_path, signum):
+    proc = subprocess.Popen([sys.executable, "-m", "ktrace", "doctor"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        for _ in range(20000):  # bounded: until the first BPF program is loaded
+            if proc.poll() is not None or _has_bpf_programs(proc.pid):
+                break
+            time.sleep(0.001)
+        assert proc.poll() is None, "doctor finished before it loaded a program"
+        proc.send_signal(signum)
+        stdout, stderr = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    name = signal.Signals(signum).name
+    status = {signal.SIGINT: ExitStatus.INTERRUPTED, signal.SIGTERM: ExitStatus.TERMINATED}[signum]
+    assert (proc.returncode, stderr, stdout) == (status, f"ktrace: interrupted by {name} while examining the probes\n",
+                                                 "")

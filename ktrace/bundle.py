@@ -30,9 +30,8 @@ from ktrace.errors import OutputError
 MODE = 0o600
 # On a full disk, events.jsonl gives back this much so summary.json, node.json and the tgz still fit.
 DISK_FULL_RESERVE = 256 << 10
-
-
-MAX_NAME_TRIES = 100
+KINDS = ("events.jsonl", "summary.json", "node.json", "bundle.tgz")
+MAX_NAME_TRIES = 100  # names tried (a counter added) before giving up on a directory
 
 
 def _open_private(path: Path, exclusive: bool = False) -> int:
@@ -76,7 +75,7 @@ class Bundle:
     def __init__(self, out_dir: Path, node: str, started: float, max_events: int | None,
                  max_bytes: int | None, pid: int | None = None) -> None:
         self.out_dir = out_dir
-        self.prefix, self._fd = _claim(out_dir, f"ktrace.{_safe(node)}.{stamp(started)}-{pid or os.getpid()}")
+        self.prefix, self._fd = _claim(out_dir, f"ktrace.{_safe(node)}.{_stamp(started)}-{pid or os.getpid()}")
         self.paths = _paths(out_dir, self.prefix)
         self._events_tmp = _events_tmp(out_dir, self.prefix)
         self.max_events = max_events
@@ -192,10 +191,7 @@ class Bundle:
         self._events_tmp.unlink(missing_ok=True)
 
 
-KINDS = ("events.jsonl", "summary.json", "node.json", "bundle.tgz")
-
-
-def stamp(started: float) -> str:
+def _stamp(started: float) -> str:
     """The UTC start to the millisecond: 20261122T000000.123Z."""
     return time.strftime("%Y%m%dT%H%M%S", time.gmtime(started)) + f".{int(started * 1000) % 1000:03d}Z"
 

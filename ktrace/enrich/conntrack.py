@@ -12,20 +12,19 @@ capture loop annotates events from it with one dict lookup each and never waits.
 
 An event is matched against the table of the namespace it happened in (the
 socket's for udp_flow, else the task's), and, when that has no entry for it,
-against the node's table only (PID 1's namespace, and ktrace's own: with
-hostPID or hostNetwork, or run on the node, one of them is the node's): a pod's
-packets cross the node's
-namespace, where kube-proxy's Service DNAT lives, and pod addresses are unique
-on a node. No other namespace's table is searched, and loopback tuples never
-leave their namespace: the same tuple elsewhere is another connection (or
-the client's side of a DNAT the backend's namespace never saw). The annotation
-names the namespace whose table held the entry. Within a table, an entry
-matches in any of four directions, and the annotation says which: a client's
-socket and its request flow are the original tuple, the backend's accepted
-socket and its response flow the reply tuple; a udp_flow runs from the
-datagrams' source to their destination, so the response as the client
-receives it (from the VIP) is the original reversed, and the request as the
-backend receives it is the reply reversed.
+against the node's table only: PID 1's namespace and ktrace's own (run on the
+node, or in a pod with hostPID or hostNetwork, one of them is the node's). A
+pod's packets cross the node's namespace, where kube-proxy's Service DNAT
+lives, and pod addresses are unique on a node. No other namespace's table is
+searched, and loopback tuples never leave their namespace: the same tuple
+elsewhere is another connection, or the client's side of a DNAT that the
+backend's namespace never saw. The annotation names the namespace whose table
+held the entry. Within a table, an entry matches in any of four directions,
+and the annotation says which: a client's socket and its request flow are the
+original tuple, the backend's accepted socket and its response flow the reply
+tuple; a udp_flow runs from the datagrams' source to their destination, so the
+response as the client receives it (from the VIP) is the original reversed,
+and the request as the backend receives it is the reply reversed.
 """
 
 from __future__ import annotations
@@ -261,11 +260,10 @@ class ConntrackReader:
         """The entry in the event's namespace's table, else in the node's (never for loopback tuples)."""
         with self._lock:
             match = self.table.lookup(proto, saddr, sport, daddr, dport, netns)
-            if match is not None or _loopback(saddr) or _loopback(daddr):
-                return match
-            for node in (self.node_netns, self.own_netns):
-                if match is None and node != netns:
-                    match = self.table.lookup(proto, saddr, sport, daddr, dport, node)
+            if match is None and not (_loopback(saddr) or _loopback(daddr)):
+                for node in (self.node_netns, self.own_netns):
+                    if match is None and node != netns:
+                        match = self.table.lookup(proto, saddr, sport, daddr, dport, node)
             return match
 
     def start(self) -> None:

@@ -4,6 +4,12 @@ Every file is written under a temporary name with mode 0600, fsynced, then
 renamed, so a reader never sees half a file. events.jsonl is written as the
 window runs, under exact caps on lines and bytes; a full disk stops it and
 marks the bundle truncated instead of losing what was already saved.
+
+Names are ktrace.<node>.<UTC start to the millisecond>-<pid>.<kind>, and a run
+claims its name by creating its events file with O_EXCL: runs started at once
+into one directory (a DaemonSet and a Job on one hostPath, two SREs on one node)
+each get their own bundle. Should the name be taken after all (the same pid in
+another pid namespace, in the same millisecond), a counter is added.
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ import hashlib
 import io
 import os
 import tarfile
+import tempfile
 import time
 from pathlib import Path
 
@@ -23,10 +30,13 @@ from ktrace.errors import OutputError
 MODE = 0o600
 # On a full disk, events.jsonl gives back this much so summary.json, node.json and the tgz still fit.
 DISK_FULL_RESERVE = 256 << 10
+KINDS = ("events.jsonl", "summary.json", "node.json", "bundle.tgz")
+MAX_NAME_TRIES = 100  # names tried (a counter added) before giving up on a directory
 
 
-def _open_private(path: Path) -> int:
-    return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, MODE)
+def _open_private(path: Path, exclusive: bool = False) -> int:
+    flags = os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC | (os.O_EXCL if exclusive else os.O_TRUNC)
+    return os.open(path, flags, MODE)
 
 
 def check_out_dir(out_dir: Path) -> None:
@@ -37,10 +47,10 @@ def check_out_dir(out_dir: Path) -> None:
         raise OutputError(f"cannot create --out-dir {out_dir}: {exc.strerror}") from None
     if not out_dir.is_dir():
         raise OutputError(f"--out-dir {out_dir} is not a directory")
-    probe = out_dir / f".ktrace-write-test.{os.getpid()}"
     try:
-        os.close(_open_private(probe))
-        probe.unlink()
+        fd, probe = tempfile.mkstemp(prefix=".ktrace-write-test.", dir=out_dir)  # a unique name: runs may overlap
+        os.close(fd)
+        os.unlink(probe)
     except OSError as exc:
         raise OutputError(f"--out-dir {out_dir} is not writable: {exc.strerror}") from None
 
@@ -63,23 +73,17 @@ class Bundle:
     """One bundle being written. Use write_event() during the window, then finish()."""
 
     def __init__(self, out_dir: Path, node: str, started: float, max_events: int | None,
-                 max_bytes: int | None) -> None:
-        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(started))
-        self.prefix = f"ktrace.{_safe(node)}.{stamp}"
+                 max_bytes: int | None, pid: int | None = None) -> None:
         self.out_dir = out_dir
-        self.paths = {kind: out_dir / f"{self.prefix}.{kind}" for kind in
-                      ("events.jsonl", "summary.json", "node.json", "bundle.tgz")}
+        self.prefix, self._fd = _claim(out_dir, f"ktrace.{_safe(node)}.{_stamp(started)}-{pid or os.getpid()}")
+        self.paths = _paths(out_dir, self.prefix)
+        self._events_tmp = _events_tmp(out_dir, self.prefix)
         self.max_events = max_events
         self.max_bytes = max_bytes
         self.lines = 0
         self.bytes = 0
         self.capped = False  # a cap was reached: nothing more is written
         self.truncated = ""  # why writing stopped early (disk full), if it did
-        self._events_tmp = self.paths["events.jsonl"].with_name(self.prefix + ".events.jsonl.tmp")
-        try:
-            self._fd = _open_private(self._events_tmp)
-        except OSError as exc:
-            raise OutputError(f"cannot write to {out_dir}: {exc.strerror}") from None
         self._buffer: list[bytes] = []
         self._buffered = 0
         self._sha = hashlib.sha256()
@@ -185,6 +189,34 @@ class Bundle:
         except OSError:
             pass
         self._events_tmp.unlink(missing_ok=True)
+
+
+def _stamp(started: float) -> str:
+    """The UTC start to the millisecond: 20261122T000000.123Z."""
+    return time.strftime("%Y%m%dT%H%M%S", time.gmtime(started)) + f".{int(started * 1000) % 1000:03d}Z"
+
+
+def _paths(out_dir: Path, prefix: str) -> dict[str, Path]:
+    return {kind: out_dir / f"{prefix}.{kind}" for kind in KINDS}
+
+
+def _events_tmp(out_dir: Path, prefix: str) -> Path:
+    return out_dir / f"{prefix}.events.jsonl.tmp"
+
+
+def _claim(out_dir: Path, base: str) -> tuple[str, int]:
+    """A prefix no other bundle in out_dir has, and the events file opened under it (O_EXCL: the claim)."""
+    for n in range(MAX_NAME_TRIES):
+        prefix = base if n == 0 else f"{base}-{n + 1}"
+        if any(path.exists() for path in _paths(out_dir, prefix).values()):
+            continue  # a finished bundle of that name
+        try:
+            return prefix, _open_private(_events_tmp(out_dir, prefix), exclusive=True)
+        except FileExistsError:
+            continue  # a running one
+        except OSError as exc:
+            raise OutputError(f"cannot write to {out_dir}: {exc.strerror}") from None
+    raise OutputError(f"cannot find a free bundle name in {out_dir} after {MAX_NAME_TRIES} tries ({base}...)")
 
 
 def _safe(name: str) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import logging
 import re
 import sys
@@ -15,9 +16,10 @@ from ktrace import __version__, capture, probes
 from ktrace.enrich import containers
 from ktrace.errors import ExitStatus, KtraceError
 from ktrace.events.dns import DNS_TIMEOUT_S
+from ktrace.interrupt import Interrupted
 
 EXIT_CODES_HELP = "\b\nExit status:\n" + "\n".join(
-    f"  {s.value}  {s.name.lower().replace('_', ' ')}" for s in ExitStatus
+    f"  {s.value:>3}  {s.name.lower().replace('_', ' ')}" for s in ExitStatus
 )
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
@@ -113,12 +115,30 @@ class HookList(click.ParamType):
 
 
 class DefaultToSnapshot(click.Group):
-    """`ktrace [OPTIONS]` is `ktrace snapshot [OPTIONS]`."""
+    """`ktrace [OPTIONS]` is `ktrace snapshot [OPTIONS]`; `ktrace --help` shows the snapshot's options too."""
 
     def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        if args and not args[0].startswith("-") and args[0] not in self.commands:
+            # snapshot takes no arguments: a bare word first is a command, misspelt
+            close = difflib.get_close_matches(args[0], self.commands, n=1)
+            hint = f"did you mean {close[0]!r}?" if close else f"commands: {', '.join(self.commands)}"
+            raise click.UsageError(f"no such command {args[0]!r}; {hint}", ctx)
         if not args or (args[0] not in self.commands and args[0] not in ("--help", "-h", "--version")):
             args = ["snapshot", *args]
         return super().parse_args(ctx, args)
+
+    def format_usage(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        formatter.write_usage(ctx.command_path, "[SNAPSHOT OPTIONS]")
+        formatter.write_usage(ctx.command_path, "COMMAND [ARGS]...", prefix="   or: ")
+
+    def format_options(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        super().format_options(ctx, formatter)  # the group's own options, then the commands
+        snapshot = self.commands["snapshot"]
+        with click.Context(snapshot, info_name="snapshot", parent=ctx) as sub:
+            rows = [row for param in snapshot.get_params(sub) if param.name != "help"
+                    for row in [param.get_help_record(sub)] if row is not None]
+        with formatter.section("Snapshot options (ktrace alone is ktrace snapshot)"):
+            formatter.write_dl(rows)
 
 
 def _setup_logging(verbose: int, quiet: bool) -> None:
@@ -171,9 +191,10 @@ def cli() -> None:
                    "are decided by their ports, the same at both ends; TCP per socket. Process, OOM, drop, sched "
                    "and blockio events are never sampled.")
 @click.option("--max-events", type=click.IntRange(min=0), default=None,
-              help="Write at most this many events; the rest are counted as capped.")
+              help="Write at most this many events; the rest are counted as capped. [default: no limit]")
 @click.option("--max-bytes", type=Size(), default=None,
-              help="Write at most this many bytes of events (500k, 20M); the rest are counted as capped.")
+              help="Write at most this many bytes of events (500k, 20M); the rest are counted as capped. "
+                   "[default: no limit]")
 @click.option("--probes", "families", type=FamilyList(), default=None,
               help=f"Probe families to load (comma-separated), of: {', '.join(probes.FAMILY_BY_NAME)}. "
                    f"[default: {', '.join(f.name for f in probes.FAMILIES if f.default)}]")
@@ -217,7 +238,8 @@ def cli() -> None:
 @click.option("--ready-file", type=click.Path(path_type=Path), default=None,
               help="Create this file once the probes are attached (for scripts that start traffic after).")
 @click.option("--verbose", "-v", count=True, help="More detail; -vv adds libbpf's and the verifier's log.")
-@click.option("--quiet", "-q", is_flag=True, help="Only errors.")
+@click.option("--quiet", "-q", is_flag=True,
+              help="No status on stderr, only errors. The bundle's path is printed on stdout either way.")
 def snapshot(duration: float, out_dir: Path, node: str | None, ports: tuple[int, ...] | None, dns_only: bool,
              dns_ports: tuple[int, ...], dns_timeout: float, udp_flows: int, sample: int, max_events: int | None,
              max_bytes: int | None, families: tuple[str, ...] | None, skip_hooks: tuple[tuple[str, ...], ...],
@@ -285,7 +307,7 @@ def snapshot(duration: float, out_dir: Path, node: str | None, ports: tuple[int,
             click.echo(f"  [{finding['severity']}] {finding['title']}", err=True)
         for reason in s["degraded"]:
             click.echo(f"ktrace: degraded: {reason}", err=True)
-        click.echo(str(result.paths["bundle.tgz"]))
+    click.echo(str(result.paths["bundle.tgz"]))  # stdout holds only this line: scripts read it
     return int(result.status)
 
 
@@ -331,6 +353,9 @@ def main(argv: list[str] | None = None) -> int:
     except click.Abort:
         click.echo("ktrace: aborted", err=True)
         return 130
+    except Interrupted as exc:
+        click.echo(f"ktrace: {exc.message}", err=True)
+        return int(exc.status)
     except KtraceError as exc:
         click.echo(f"ktrace: error: {exc.message}", err=True)
         if verbose and exc.detail:

@@ -5,14 +5,17 @@ from __future__ import annotations
 import platform
 from pathlib import Path
 
-from ktrace import capture, libbpf, node, probes
+from ktrace import capture, interrupt, libbpf, node, probes
 from ktrace.enrich.containers import ContainerNames, find_socket
 from ktrace.errors import KtraceError
 from ktrace.snapshot import check_btf, check_privileges
 
 
 def examine(cri_socket: Path | None = None) -> dict:
-    """Resolve every family's chain for real, then try each alternative that was not needed."""
+    """Resolve every family's chain for real, then try each alternative that was not needed.
+
+    A signal is only noted while BPF loads (libbpf calls back into Python), and acted on between two trials."""
+    interrupt.defer()
     check_privileges()
     check_btf()
     libbpf.library()
@@ -32,6 +35,9 @@ def examine(cri_socket: Path | None = None) -> dict:
                 family.name, alternatives=[probes.HookStatus(h.label, "not tried", min_kernel=h.min_kernel)
                                            for h in family.chain])
         for hook, alt in zip(family.chain, row.alternatives):
+            signame = interrupt.received()
+            if signame:
+                raise interrupt.Interrupted(signame, "while examining the probes")
             if alt.status == "not tried":
                 alt.status, alt.reason = capture.trial(family, hook)
     return {

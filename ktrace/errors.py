@@ -22,6 +22,8 @@ class ExitStatus(IntEnum):
     NO_LIBBPF = 6  # libbpf.so.1 missing or older than 1.0
     OUTPUT = 7  # the output directory is unwritable or the disk is full
     BAD_BUNDLE = 8  # a bundle given to analyze is unreadable
+    INTERRUPTED = 130  # SIGINT before a snapshot's window could start (nothing recorded), or in doctor: 128 + 2
+    TERMINATED = 143  # the same for SIGTERM: 128 + 15
 
 
 class KtraceError(Exception):

@@ -1,12 +1,14 @@
 """One snapshot: preflight → load probes → record the window → write the bundle.
 
-SIGINT and SIGTERM end the window early; the bundle is still written whole.
+SIGINT and SIGTERM end the window early; the bundle is still written whole. A
+signal that comes before the window (during preflight, loading or attaching)
+is kept until the probes are attached: the window then ends at once, and the
+bundle, short as it is, is complete.
 """
 
 from __future__ import annotations
 
 import os
-import signal
 import sys
 import time
 from collections import Counter
@@ -16,7 +18,7 @@ from typing import TextIO
 
 import orjson
 
-from ktrace import __version__, capture, libbpf, node, probes
+from ktrace import __version__, capture, interrupt, libbpf, node, probes
 from ktrace.analyze.summary import LOSS_KINDS, Summary
 from ktrace.bundle import Bundle, check_out_dir
 from ktrace.enrich.cgroup import CgroupPaths, annotate_oom
@@ -110,26 +112,6 @@ def check_btf() -> None:
         )
 
 
-class _Stop:
-    """Turns SIGINT/SIGTERM into a flag the capture loop checks."""
-
-    def __init__(self) -> None:
-        self.signal: str | None = None
-        self._previous: dict[int, object] = {}
-
-    def __enter__(self) -> _Stop:
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            self._previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def _handle(self, signum: int, _frame: object) -> None:
-        self.signal = signal.Signals(signum).name
-
-    def __exit__(self, *exc: object) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)  # type: ignore[arg-type]
-
-
 class _Recorder:
     """Decode → pair and merge → summarize → write, for every record of the window."""
 
@@ -200,6 +182,8 @@ class _Recorder:
                 self.write_event(event)
 
     def add_flow(self, event: dict) -> None:
+        if self.conntrack is not None:
+            self.conntrack.note(event)  # its namespace's table is read before the flow is written
         self.flows.add(event)
         if self.flows.full:
             self.write_flows()
@@ -232,6 +216,7 @@ def _status_line(stream: TextIO, left: float, recorder: _Recorder, lost: int) ->
 
 
 def run(opts: SnapshotOptions) -> SnapshotResult:
+    interrupt.defer()  # from here a signal ends the window (at once, if it has not started): no exception
     check_privileges()
     check_btf()
     libbpf.library()
@@ -273,47 +258,46 @@ def run(opts: SnapshotOptions) -> SnapshotResult:
             reader.start()  # the first read is synchronous: entries that predate the window are known at once
         if opts.ready_file:
             opts.ready_file.write_text(f"{os.getpid()}\n")
-        with _Stop() as stop:
-            deadline = time.monotonic() + opts.duration_s
-            next_status = next_flow_check = 0.0
-            while True:
-                now = time.monotonic()
-                if stop.signal:
-                    ended_by = stop.signal
-                    break
-                if now >= deadline:
-                    break
-                recorder.records(cap.poll(int(min(POLL_MS, (deadline - now) * 1000)) or 1))
-                boot_now = time.clock_gettime_ns(time.CLOCK_BOOTTIME)
-                recorder.tick(boot_now)
-                if now >= next_flow_check:
-                    for raw in cap.drain_idle_flows(boot_now):
-                        recorder.records([raw])
-                    next_flow_check = now + FLOW_CHECK_S
-                if live and now >= next_status:
-                    kernel_lost = sum(c["ringbuf_full"] for c in cap.counters().values())
-                    _status_line(opts.status, deadline - now, recorder, kernel_lost + recorder.undecodable)
-                    next_status = now + STATUS_EVERY_S
-            ended = time.time()
-            # stop the probes, let programs still running on other CPUs finish, then take the rest
-            cap.detach()
-            time.sleep(0.02)
-            recorder.records(cap.drain())
-            counters = cap.counters()
-            process_counts = cap.process_counts()
-            recorder.records(cap.drain())
-            if reader is not None:
-                reader.stop()  # joins the thread and reads once more: the window's last connections
-                recorder.write_conntrack_ready(window_end=True)
-            recorder.records(cap.flows())
-            recorder.write_flows()
-            drop_counts = cap.drop_counts()
-            boot_end = time.clock_gettime_ns(time.CLOCK_BOOTTIME)
-            for event in count_events(drop_counts or [], decoder.drop_reasons, decoder.wall_time(boot_end), boot_end):
-                recorder.write_event(event)
-            recorder.write_histograms(cap.latency_histograms(), time.clock_gettime_ns(time.CLOCK_BOOTTIME))
-            latency_losses = cap.latency_losses()
-            recorder.dns.expire(time.clock_gettime_ns(time.CLOCK_BOOTTIME), window_end=True)
+        deadline = time.monotonic() + opts.duration_s
+        next_status = next_flow_check = 0.0
+        while True:
+            now = time.monotonic()
+            if interrupt.received():
+                ended_by = interrupt.received()
+                break
+            if now >= deadline:
+                break
+            recorder.records(cap.poll(int(min(POLL_MS, (deadline - now) * 1000)) or 1))
+            boot_now = time.clock_gettime_ns(time.CLOCK_BOOTTIME)
+            recorder.tick(boot_now)
+            if now >= next_flow_check:
+                for raw in cap.drain_idle_flows(boot_now):
+                    recorder.records([raw])
+                next_flow_check = now + FLOW_CHECK_S
+            if live and now >= next_status:
+                kernel_lost = sum(c["ringbuf_full"] for c in cap.counters().values())
+                _status_line(opts.status, deadline - now, recorder, kernel_lost + recorder.undecodable)
+                next_status = now + STATUS_EVERY_S
+        ended = time.time()
+        # stop the probes, let programs still running on other CPUs finish, then take the rest
+        cap.detach()
+        time.sleep(0.02)
+        recorder.records(cap.drain())
+        counters = cap.counters()
+        process_counts = cap.process_counts()
+        recorder.records(cap.drain())
+        recorder.records(cap.flows())  # before conntrack's last read, which then covers the flows' namespaces
+        if reader is not None:
+            reader.stop()  # joins the thread and reads once more: the window's last connections
+            recorder.write_conntrack_ready(window_end=True)
+        recorder.write_flows()
+        drop_counts = cap.drop_counts()
+        boot_end = time.clock_gettime_ns(time.CLOCK_BOOTTIME)
+        for event in count_events(drop_counts or [], decoder.drop_reasons, decoder.wall_time(boot_end), boot_end):
+            recorder.write_event(event)
+        recorder.write_histograms(cap.latency_histograms(), time.clock_gettime_ns(time.CLOCK_BOOTTIME))
+        latency_losses = cap.latency_losses()
+        recorder.dns.expire(time.clock_gettime_ns(time.CLOCK_BOOTTIME), window_end=True)
         if live:
             opts.status.write("\n")
         probe_table = [row.as_dict() for row in cap.table]

@@ -10,9 +10,21 @@ it with setns(2) in its own thread (setns changes only the calling thread), foun
 through /run/netns/* or /proc/<pid>/ns/net. The thread only fills the table; the
 capture loop annotates events from it with one dict lookup each and never waits.
 
-An entry is indexed by both its tuples, so a socket matches whichever side it
-is on: a client's (saddr, sport, daddr, dport) is the original tuple, the
-backend's accepted socket sees the reply tuple as its own.
+An event is matched against the table of the namespace it happened in (the
+socket's for udp_flow, else the task's), and, when that has no entry for it,
+against the node's table only: PID 1's namespace and ktrace's own (run on the
+node, or in a pod with hostPID or hostNetwork, one of them is the node's). A
+pod's packets cross the node's namespace, where kube-proxy's Service DNAT
+lives, and pod addresses are unique on a node. No other namespace's table is
+searched, and loopback tuples never leave their namespace: the same tuple
+elsewhere is another connection, or the client's side of a DNAT that the
+backend's namespace never saw. The annotation names the namespace whose table
+held the entry. Within a table, an entry matches in any of four directions,
+and the annotation says which: a client's socket and its request flow are the
+original tuple, the backend's accepted socket and its response flow the reply
+tuple; a udp_flow runs from the datagrams' source to their destination, so the
+response as the client receives it (from the VIP) is the original reversed,
+and the request as the backend receives it is the reply reversed.
 """
 
 from __future__ import annotations
@@ -29,12 +41,13 @@ from dataclasses import dataclass
 
 from ktrace.enrich.identity import owner_pod
 
-MAX_ENTRIES = 65536  # original tuples kept (each indexed twice); a full table takes no new entries
+MAX_ENTRIES = 65536  # entries kept (each indexed in four directions); a full table takes no new entries
 MAX_NAMESPACES = 64  # network namespaces read besides ktrace's own
 REFRESH_S = 2.0
 READ_BUDGET_S = 1.0  # one round stops reading more namespaces after this long
 RESCAN_S = 5.0  # a namespace with no known way in triggers a /proc walk at most this often
 CLONE_NEWNET = 0x40000000
+NODE_NETNS = "/proc/1/ns/net"
 PROTOCOLS = {6: "tcp", 17: "udp"}
 # include/uapi/linux/netfilter/nf_conntrack_common.h
 IPS_SEEN_REPLY, IPS_ASSURED, IPS_SRC_NAT, IPS_DST_NAT = 1 << 1, 1 << 2, 1 << 4, 1 << 5
@@ -65,10 +78,14 @@ class Entry:
         snat = (self.orig[0], self.orig[1]) != (self.reply[2], self.reply[3])
         return "both" if dnat and snat else "dnat" if dnat else "snat" if snat else None
 
-    def annotation(self) -> dict:
+    def annotation(self, matched: str) -> dict:
         saddr, sport, daddr, dport = self.reply
         return {"state": self.state, "reply": {"saddr": saddr, "sport": sport, "daddr": daddr, "dport": dport},
-                "nat": self.nat, "mark": self.mark, "zone": self.zone}
+                "nat": self.nat, "matched": matched, "netns": self.netns, "mark": self.mark, "zone": self.zone}
+
+
+def _reversed(t: Tuple) -> Tuple:
+    return (t[2], t[3], t[0], t[1])
 
 
 def _udp_state(status: int) -> str:
@@ -134,32 +151,36 @@ def read_netlink(netns: int = 0) -> list[Entry]:
 
 
 class ConntrackTable:
-    """Entries by (proto, saddr, sport, daddr, dport) of either direction; bounded."""
+    """Entries by (netns, proto, saddr, sport, daddr, dport) in each of their four directions; bounded."""
 
     def __init__(self, max_entries: int = MAX_ENTRIES) -> None:
         self.max_entries = max_entries
-        self._by_tuple: dict[tuple, Entry] = {}
-        self._by_netns_tuple: dict[tuple, Entry] = {}
+        self._entries: dict[tuple, Entry] = {}  # by (netns, proto, *orig)
+        self._literal: dict[tuple, tuple[Entry, str]] = {}  # the original and reply tuples
+        self._reversed: dict[tuple, tuple[Entry, str]] = {}  # the same, read the other way
         self.full = False
 
     def __len__(self) -> int:
-        return len(self._by_netns_tuple) // 2
+        return len(self._entries)
 
     def update(self, entries: Iterable[Entry]) -> None:
         # entries are kept after they leave the kernel's table: an event may be written after its entry expired
         for e in entries:
             key = (e.netns, e.proto, *e.orig)
-            if key not in self._by_netns_tuple and len(self._by_netns_tuple) >= 2 * self.max_entries:
+            if key not in self._entries and len(self._entries) >= self.max_entries:
                 self.full = True
                 continue
-            for tup in (e.orig, e.reply):
-                self._by_netns_tuple[(e.netns, e.proto, *tup)] = e
-                self._by_tuple[(e.proto, *tup)] = e
+            self._entries[key] = e
+            for tup, literal, backwards in ((e.orig, "original", "original_reversed"),
+                                            (e.reply, "reply", "reply_reversed")):
+                self._literal[(e.netns, e.proto, *tup)] = (e, literal)
+                self._reversed[(e.netns, e.proto, *_reversed(tup))] = (e, backwards)
 
-    def lookup(self, proto: str, saddr: str, sport: int, daddr: str, dport: int, netns: int = 0) -> Entry | None:
-        """The entry of this socket tuple, preferring the event's own namespace."""
-        return (self._by_netns_tuple.get((netns, proto, saddr, sport, daddr, dport))
-                or self._by_tuple.get((proto, saddr, sport, daddr, dport)))
+    def lookup(self, proto: str, saddr: str, sport: int, daddr: str, dport: int,
+               netns: int) -> tuple[Entry, str] | None:
+        """The entry of this tuple in this namespace's table, and which of its directions the tuple is."""
+        key = (netns, proto, saddr, sport, daddr, dport)
+        return self._literal.get(key) or self._reversed.get(key)
 
 
 def read_stats(path: str) -> dict[str, int]:
@@ -202,6 +223,9 @@ class ConntrackReader:
         self.table = table or ConntrackTable()
         self.refresh_s = refresh_s
         self.own_netns = _netns_inode("/proc/self/ns/net") or 0
+        # the node's namespace, where Service DNAT lives: PID 1's (ktrace in a pod runs with hostPID), always read,
+        # and ktrace's own (run on the node, or with hostNetwork)
+        self.node_netns = _netns_inode(NODE_NETNS) or self.own_netns
         self.warnings: list[str] = []
         self.rounds_started = self.rounds_done = 0
         self.reads: dict[str, int] = {"netlink": 0, "proc": 0, "failed": 0}
@@ -214,6 +238,8 @@ class ConntrackReader:
         self._libc = ctypes.CDLL(None, use_errno=True)
         self.limit = _read_int(CONNTRACK_MAX)
         self._stats: dict[int, _TableStats] = {}  # by netns inode
+        if self.node_netns != self.own_netns:
+            self._wanted[self.node_netns] = {1}
 
     # --- capture loop side: cheap ---
 
@@ -229,9 +255,16 @@ class ConntrackReader:
         if pid and len(pids) < 8:
             pids.add(pid)
 
-    def lookup(self, proto: str, saddr: str, sport: int, daddr: str, dport: int, netns: int = 0) -> Entry | None:
+    def lookup(self, proto: str, saddr: str, sport: int, daddr: str, dport: int,
+               netns: int) -> tuple[Entry, str] | None:
+        """The entry in the event's namespace's table, else in the node's (never for loopback tuples)."""
         with self._lock:
-            return self.table.lookup(proto, saddr, sport, daddr, dport, netns)
+            match = self.table.lookup(proto, saddr, sport, daddr, dport, netns)
+            if match is None and not (_loopback(saddr) or _loopback(daddr)):
+                for node in (self.node_netns, self.own_netns):
+                    if match is None and node != netns:
+                        match = self.table.lookup(proto, saddr, sport, daddr, dport, node)
+            return match
 
     def start(self) -> None:
         self.refresh()
@@ -372,6 +405,13 @@ class ConntrackReader:
         yield from found.items()
 
 
+def _loopback(addr: str) -> bool:
+    try:
+        return ipaddress.ip_address(addr).is_loopback
+    except ValueError:
+        return False
+
+
 def _listdir(path: str) -> list[str]:
     try:
         return os.listdir(path)
@@ -467,6 +507,12 @@ class Annotator:
         self._pending: deque[tuple[int, dict]] = deque()
         self.annotated = self.unmatched = 0
 
+    def note(self, event: dict) -> None:
+        """An event to be annotated later (a UDP flow, written when it ends): its namespace is read from now on."""
+        key = event_key(event)
+        if key is not None:
+            self.reader.note(key[5], event.get("pid", 0))
+
     def annotate(self, event: dict, final: bool = False) -> bool:
         """Set event["conntrack"]; False when it missed and may be held back for a later round."""
         key = event_key(event)
@@ -475,14 +521,15 @@ class Annotator:
             return True
         proto, saddr, sport, daddr, dport, netns = key
         self.reader.note(netns, event.get("pid", 0))
-        entry = self.reader.lookup(proto, saddr, sport, daddr, dport, netns)
-        if entry is None:
+        match = self.reader.lookup(proto, saddr, sport, daddr, dport, netns)
+        if match is None:
             if not final:
                 return False
             event["conntrack"] = None
             self.unmatched += 1
             return True
-        event["conntrack"] = entry.annotation()
+        entry, matched = match
+        event["conntrack"] = entry.annotation(matched)
         self.annotated += 1
         self.nat.add(event, entry)
         return True

@@ -37,7 +37,7 @@ H_ERRNO_NAMES = {-1: "NETDB_INTERNAL", 1: "HOST_NOT_FOUND", 2: "TRY_AGAIN", 3: "
 LOOKUP_FAMILIES = {0: "any", 2: "ipv4", 10: "ipv6"}
 PROTOCOLS = {6: "tcp", 17: "udp"}
 SCHEMA_VERSION = 5  # 2: UDP, DNS, process, OOM, drops, sched and blockio events; 3: cgroup_path, k8s, cgroup_mkdir;
-# 4: image in k8s; 5: sk_ino and length_prefix in DNS events
+# 4: image in k8s; 5: sk_ino and length_prefix in DNS events, conntrack.matched and conntrack.netns
 
 
 def errno_name(value: int) -> str | None:

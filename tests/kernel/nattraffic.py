@@ -1,7 +1,7 @@
 """Run inside the test's namespace: a backend on 10.77.0.1 and a client that talks to the VIP 10.96.0.10.
 
 Prints one JSON line: the client's TCP and UDP tuples as its sockets see them (the VIP) and as the backend
-sees them (the real address after DNAT).
+sees them (the real address after DNAT): (local address, local port, remote address, remote port).
 """
 
 from __future__ import annotations
@@ -37,6 +37,7 @@ def main() -> None:
     backend.sendto(b"answer", peer)
     assert sender.recv(16) == b"answer"
     result["udp_client"] = [*sender.getsockname(), *sender.getpeername()]
+    result["udp_backend"] = [*backend.getsockname(), *peer]
     print(json.dumps(result), flush=True)
 
 

@@ -52,7 +52,7 @@ def options(monkeypatch):
 
     def run(opts):
         seen.append(opts)
-        return SimpleNamespace(status=0)
+        return SimpleNamespace(status=0, paths={"bundle.tgz": opts.out_dir / "ktrace.bundle.tgz"})
 
     monkeypatch.setattr(snapshot, "run", run)
 

@@ -18,7 +18,7 @@ LINES = [orjson.dumps(e) + b"\n" for e in EVENTS]
 
 
 def _bundle(tmp_path, max_events=None, max_bytes=None) -> Bundle:
-    return Bundle(tmp_path, "node-1", STARTED, max_events, max_bytes)
+    return Bundle(tmp_path, "node-1", STARTED, max_events, max_bytes, pid=4242)
 
 
 def _finish(bundle: Bundle) -> dict:
@@ -29,13 +29,42 @@ def _finish(bundle: Bundle) -> dict:
     return results
 
 
-def test_files_are_named_after_the_node_and_the_utc_start(tmp_path):
-    bundle = _bundle(tmp_path)
-    assert bundle.paths["summary.json"] == tmp_path / "ktrace.node-1.20261122T000000Z.summary.json"
+def test_files_are_named_after_the_node_the_utc_start_to_the_millisecond_and_the_pid(tmp_path):
+    bundle = Bundle(tmp_path, "node-1", STARTED + 0.25, None, None, pid=4242)
+    assert bundle.paths["summary.json"] == tmp_path / "ktrace.node-1.20261122T000000.250Z-4242.summary.json"
 
 
 def test_node_name_is_made_safe_for_a_file_name(tmp_path):
-    assert Bundle(tmp_path, "../a b", STARTED, None, None).prefix == "ktrace..._a_b.20261122T000000Z"
+    assert Bundle(tmp_path, "../a b", STARTED, None, None, pid=1).prefix == "ktrace..._a_b.20261122T000000.000Z-1"
+
+
+def test_runs_started_in_the_same_millisecond_by_different_processes_get_different_names(tmp_path):
+    assert _bundle(tmp_path).prefix != Bundle(tmp_path, "node-1", STARTED, None, None, pid=4243).prefix
+
+
+def test_a_name_already_taken_by_a_running_or_a_finished_bundle_gets_a_counter(tmp_path):
+    # the same pid in the same millisecond: another pid namespace writing to the same hostPath
+    running = _bundle(tmp_path)
+    second = _bundle(tmp_path)
+    assert (running.prefix, second.prefix) == ("ktrace.node-1.20261122T000000.000Z-4242",
+                                               "ktrace.node-1.20261122T000000.000Z-4242-2")
+    _finish(running)
+    _finish(second)
+    assert _bundle(tmp_path).prefix == "ktrace.node-1.20261122T000000.000Z-4242-3"
+
+
+def test_two_bundles_written_at_once_into_one_directory_each_match_their_own_hashes(tmp_path):
+    first, second = _bundle(tmp_path), _bundle(tmp_path)
+    for event in EVENTS:  # interleaved, as two concurrent runs write
+        first.write_event(event)
+        second.write_event({**event, "comm": "other"})
+    results = {"first": _finish(first), "second": _finish(second)}
+    for bundle, result in ((first, results["first"]), (second, results["second"])):
+        for kind in ("events.jsonl", "node.json"):
+            assert result[kind]["sha256"] == hashlib.sha256(bundle.paths[kind].read_bytes()).hexdigest()
+    assert first.paths["events.jsonl"].read_bytes() == b"".join(LINES)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        p.name for b in (first, second) for p in b.paths.values())
 
 
 def test_every_file_is_readable_by_its_owner_only(tmp_path):

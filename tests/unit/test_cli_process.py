@@ -2,24 +2,7 @@
 
 from __future__ import annotations
 
-from types import SimpleNamespace
-
-import pytest
-
-from ktrace import cli, probes, snapshot
-
-
-@pytest.fixture
-def options(monkeypatch):
-    """The SnapshotOptions `ktrace` would run with; nothing is loaded."""
-    seen = []
-    monkeypatch.setattr(snapshot, "run", lambda opts: seen.append(opts) or SimpleNamespace(status=0))
-
-    def parse(*argv: str) -> snapshot.SnapshotOptions:
-        assert cli.main(["--quiet", *argv]) == 0
-        return seen.pop()
-
-    return parse
+from ktrace import cli, probes
 
 
 def test_process_and_oom_are_on_by_default_without_arguments(options):

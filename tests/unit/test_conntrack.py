@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from ktrace import schemas
 from ktrace.analyze.nat import conntrack_findings
-from ktrace.enrich.conntrack import Annotator, ConntrackTable, Entry, parse_proc_line, read_stats
+from ktrace.enrich.conntrack import Annotator, ConntrackReader, ConntrackTable, Entry, parse_proc_line, read_stats
 from tests.unit.conftest import fixture_summary
 
 TCP_LINE = ("ipv4     2 tcp      6 119 TIME_WAIT src=10.96.0.10 dst=10.96.0.10 sport=46280 dport=80 src=10.77.0.1 "
@@ -61,15 +61,72 @@ def test_nat_kinds():
     assert entry(("a", 1, "vip", 80), ("be", 8080, "gw", 9)).nat == "both"
 
 
-def test_the_table_matches_either_direction_and_prefers_the_events_namespace():
+def test_the_table_matches_each_of_the_four_directions_and_says_which():
+    table = ConntrackTable()
+    dns = entry(("c", 40000, "vip", 53), ("be", 5353, "c", 40000), proto="udp")
+    table.update([dns])
+    assert table.lookup("udp", "c", 40000, "vip", 53, 1) == (dns, "original")  # the client's query out
+    assert table.lookup("udp", "be", 5353, "c", 40000, 1) == (dns, "reply")  # the backend's answer out
+    assert table.lookup("udp", "vip", 53, "c", 40000, 1) == (dns, "original_reversed")  # the answer in, at the client
+    assert table.lookup("udp", "c", 40000, "be", 5353, 1) == (dns, "reply_reversed")  # the query in, at the backend
+    assert table.lookup("tcp", "c", 40000, "vip", 53, 1) is None
+
+
+def test_the_table_matches_only_in_the_events_namespace():
     table = ConntrackTable()
     mine = entry(("c", 1, "vip", 80), ("be", 8080, "c", 1), netns=1)
     other = entry(("c", 1, "vip", 80), ("x", 9, "c", 1), netns=2)
     table.update([mine, other])
-    assert table.lookup("tcp", "c", 1, "vip", 80, 1) is mine
-    assert table.lookup("tcp", "be", 8080, "c", 1, 1) is mine
-    assert table.lookup("tcp", "c", 1, "vip", 80, 2) is other
-    assert table.lookup("udp", "c", 1, "vip", 80, 1) is None
+    assert table.lookup("tcp", "c", 1, "vip", 80, 1) == (mine, "original")
+    assert table.lookup("tcp", "c", 1, "vip", 80, 2) == (other, "original")
+    # the backend's namespace (3) tracks nothing: the client namespace's entry is not its own
+    assert table.lookup("tcp", "be", 8080, "c", 1, 3) is None
+    assert table.lookup("tcp", "c", 1, "vip", 80, 0) is None
+
+
+def test_a_literal_tuple_wins_over_another_entrys_reversed_one():
+    dns = entry(("c", 40000, "vip", 53), ("be", 5353, "c", 40000), proto="udp")
+    from_vip = entry(("vip", 53, "c", 40000), ("c", 40000, "vip", 53), proto="udp")  # dns's original reversed
+    for order in ([dns, from_vip], [from_vip, dns]):
+        table = ConntrackTable()
+        table.update(order)
+        assert table.lookup("udp", "vip", 53, "c", 40000, 1) == (from_vip, "original")
+        assert table.lookup("udp", "c", 40000, "be", 5353, 1) == (dns, "reply_reversed")
+        assert len(table) == 2
+
+
+def _reader(own: int, node: int) -> ConntrackReader:
+    reader = ConntrackReader()  # nothing is read until start()
+    reader.own_netns, reader.node_netns = own, node
+    return reader
+
+
+def test_an_event_whose_namespace_has_no_entry_gets_the_nodes_where_service_dnat_lives():
+    reader = _reader(own=9, node=1)
+    service = entry(("10.244.0.5", 40000, "10.96.0.10", 53), ("10.244.1.7", 53, "10.244.0.5", 40000), "udp", netns=1)
+    in_pod = entry(("10.244.0.5", 40001, "10.0.0.2", 53), ("10.0.0.2", 53, "10.244.0.5", 40001), "udp", netns=5)
+    reader.table.update([service, in_pod])
+    # a pod (netns 5) whose own table lacks the entry, and the backend pod (netns 6, tracking nothing)
+    assert reader.lookup("udp", "10.244.0.5", 40000, "10.96.0.10", 53, 5) == (service, "original")
+    assert reader.lookup("udp", "10.244.0.5", 40000, "10.244.1.7", 53, 6) == (service, "reply_reversed")
+    assert reader.lookup("udp", "10.244.0.5", 40001, "10.0.0.2", 53, 5) == (in_pod, "original")
+    # another pod's table is never searched
+    assert reader.lookup("udp", "10.244.0.5", 40001, "10.0.0.2", 53, 6) is None
+
+
+def test_ktraces_own_namespace_is_the_nodes_too_when_pid_1s_is_another():
+    reader = _reader(own=1, node=7)  # hostNetwork without hostPID, or PID 1 out of reach
+    service = entry(("10.244.0.5", 40000, "10.96.0.10", 53), ("10.244.1.7", 53, "10.244.0.5", 40000), "udp", netns=1)
+    reader.table.update([service])
+    assert reader.lookup("udp", "10.244.0.5", 40000, "10.96.0.10", 53, 5) == (service, "original")
+
+
+def test_a_loopback_tuple_is_never_matched_in_another_namespace():
+    reader = _reader(own=1, node=1)
+    reader.table.update([entry(("127.0.0.1", 40000, "127.0.0.1", 53), ("127.0.0.1", 53, "127.0.0.1", 40000),
+                               "udp", netns=1)])
+    assert reader.lookup("udp", "127.0.0.1", 40000, "127.0.0.1", 53, 1) is not None
+    assert reader.lookup("udp", "127.0.0.1", 40000, "127.0.0.1", 53, 5) is None
 
 
 def test_the_table_is_bounded():
@@ -89,7 +146,8 @@ def test_an_event_that_misses_waits_for_a_round_that_started_after_it():
     assert annotator.ready() == []
     reader.rounds_started = reader.rounds_done = 2
     (written,) = annotator.ready()
-    assert written["conntrack"] == {"state": "TIME_WAIT", "nat": "dnat", "mark": 0, "zone": 0,
+    assert written["conntrack"] == {"state": "TIME_WAIT", "nat": "dnat", "matched": "original", "netns": 1,
+                                    "mark": 0, "zone": 0,
                                     "reply": {"saddr": "10.77.0.1", "sport": 8080, "daddr": "10.96.0.10",
                                               "dport": 46280}}
     assert reader.noted == [(1, 7), (1, 7)]

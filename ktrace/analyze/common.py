@@ -23,6 +23,12 @@ class Examples:
         self.last = event["time"]
 
 
+def process_name(event: dict) -> str:
+    """The name rows keyed by process show: the thread group leader's comm, not the thread's (dig's resolver thread
+    is isc-net-0000). Bundles of events schema 4 and older have only the thread's."""
+    return event.get("process") or event["comm"]
+
+
 def endpoint(addr: str, port: int) -> str:
     return f"[{addr}]:{port}" if ":" in addr else f"{addr}:{port}"
 

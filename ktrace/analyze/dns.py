@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections import defaultdict
 from dataclasses import dataclass, field
 
-from ktrace.analyze.common import MAX_LINES, Examples, endpoint, finding, percentile
+from ktrace.analyze.common import MAX_LINES, Examples, endpoint, finding, percentile, process_name
 
 MAX_KEYS = 4096  # servers, processes and (process, server) pairs tracked
 MAX_RTTS = 4096  # RTT samples kept per key for percentiles
@@ -51,7 +51,7 @@ class _Stats:
 
 
 def _identity(event: dict) -> dict:
-    return {"pid": event["pid"], "comm": event["comm"], "cgroup_id": event["cgroup_id"],
+    return {"pid": event["pid"], "comm": process_name(event), "cgroup_id": event["cgroup_id"],
             "memcg_id": event["memcg_id"], "netns": event["netns"]}
 
 
@@ -80,13 +80,13 @@ class DnsAnalysis:
             return
         if event["role"] == "server":
             local = endpoint(event["saddr"], event["sport"])
-            stats = self._stats(self.served, (event["pid"], event["comm"], local))
+            stats = self._stats(self.served, (event["pid"], process_name(event), local))
             if stats is not None:
                 stats.identity = stats.identity or _identity(event)
                 self._count(stats, event, line)
             return
         server = endpoint(event["daddr"], event["dport"])
-        proc = (event["pid"], event["comm"])
+        proc = (event["pid"], process_name(event))
         tables = [self.total, self._stats(self.by_server, server), self._stats(self.by_process, proc),
                   self._stats(self.by_pair, (*proc, server))]
         for stats in tables:

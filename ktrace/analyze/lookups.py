@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass, field
 
-from ktrace.analyze.common import Examples, finding, percentile
+from ktrace.analyze.common import Examples, finding, percentile, process_name
 
 MAX_NAMES = 4096  # distinct names with their own counts
 MAX_PROCESSES = 4096  # distinct (pid, comm) with their own counts
@@ -81,7 +81,7 @@ class LookupAnalysis:
             self.samples.append(ms)
         self.by_result[result] += 1
         self.by_function[event["function"]] += 1
-        proc = (event["pid"], event["comm"])
+        proc = (event["pid"], process_name(event))
         for table, key, cap, what in ((self.names, name, MAX_NAMES, "names"),
                                       (self.processes, proc, MAX_PROCESSES, "processes")):
             stats = table.get(key)

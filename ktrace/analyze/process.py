@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections import Counter, deque
 from dataclasses import dataclass, field
 
-from ktrace.analyze.common import Examples, finding
+from ktrace.analyze.common import Examples, finding, process_name
 
 FORK_STORM_FORKS = 200  # new processes from one parent (or one process tree) ...
 FORK_STORM_WINDOW_NS = 2_000_000_000  # ... within this long make a fork_storm
@@ -111,7 +111,7 @@ class ProcessAnalysis:
         else:
             self.not_tracked["executables"] += 1
         _bounded_put(self.executable_of, event["pid"], name, MAX_PIDS)
-        _bounded_put(self.comm_of, event["pid"], event["comm"], MAX_PIDS)
+        _bounded_put(self.comm_of, event["pid"], process_name(event), MAX_PIDS)
 
     def _root(self, pid: int) -> int:
         """The oldest ancestor of pid seen forking in this window."""
@@ -128,13 +128,13 @@ class ProcessAnalysis:
             if len(table) >= MAX_PARENTS:
                 self.not_tracked["parents"] += 1
                 return
-            forks = table[pid] = _Forks(pid, self.comm_of.get(pid, event["comm"]))
+            forks = table[pid] = _Forks(pid, self.comm_of.get(pid, process_name(event)))
         forks.add(event["ts_ns"], event, line)
 
     def _fork(self, event: dict, line: int | None) -> None:
         self.forks += 1
         pid = event["pid"]
-        _bounded_put(self.comm_of, pid, event["comm"], MAX_PIDS)
+        _bounded_put(self.comm_of, pid, process_name(event), MAX_PIDS)
         _bounded_put(self.parent_of, event["child_pid"], pid, MAX_PIDS)
         self._count(self.parents, pid, event, line)
         root = self._root(pid)
@@ -144,7 +144,7 @@ class ProcessAnalysis:
     def _exit(self, event: dict, line: int | None) -> None:
         self.exits += 1
         reason = exit_reason(event)
-        comm = event["comm"]
+        comm = process_name(event)
         by_comm = self.exits_by_comm.get(comm)
         if by_comm is None:
             if len(self.exits_by_comm) >= MAX_NAMES:
@@ -250,9 +250,10 @@ class OomAnalysis:
             return
         examples = Examples()
         examples.add(event, line)
-        row = {k: event[k] for k in ("time", "pid", "comm", "uid", "total_vm_kb", "anon_rss_kb", "file_rss_kb",
+        row = {k: event[k] for k in ("time", "pid", "uid", "total_vm_kb", "anon_rss_kb", "file_rss_kb",
                                      "shmem_rss_kb", "pgtables_kb", "oom_score_adj", "memcg_id", "memcg_path",
                                      "cgroup_id", "cgroup_path", "trigger_pid", "trigger_comm")}
+        row["comm"] = process_name(event)
         row["line"] = line
         self.victims.append((row, examples))
 

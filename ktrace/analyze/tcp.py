@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections import Counter, defaultdict
 from dataclasses import dataclass
 
-from ktrace.analyze.common import MAX_LINES, Examples, endpoint, finding, percentile
+from ktrace.analyze.common import MAX_LINES, Examples, endpoint, finding, percentile, process_name
 
 MAX_SOCKETS = 262144  # sockets tracked at once (open ones; closed ones are dropped)
 MAX_SAMPLES = 65536  # handshake times kept for percentiles
@@ -19,7 +19,7 @@ RETRANSMIT_HOTSPOT = 5
 
 
 def _proc(event: dict) -> tuple[int, str]:
-    return event["pid"], event["comm"]
+    return event["pid"], process_name(event)
 
 
 @dataclass
@@ -49,13 +49,13 @@ class TcpAnalysis:
         if kind == "tcp_state":
             self._state(event, line)
         elif kind == "retransmit":
-            key = (event["pid"], event["comm"], endpoint(event["daddr"], event["dport"]))
+            key = (*_proc(event), endpoint(event["daddr"], event["dport"]))
             self.retransmits[key].add(event, line)
             self.per_process[_proc(event)]["retransmits"] += 1
         elif kind == "reset":
             # a reset with no socket (a closed port) or an unknown owner belongs to no process
             known = event["attribution"] != "cpu"
-            owner = (event["pid"], event["comm"]) if known else (0, "no socket" if event["sk"] == "0x0" else "")
+            owner = _proc(event) if known else (0, "no socket" if event["sk"] == "0x0" else "")
             key = (*owner, event["direction"], event["reason"] or "")
             self.resets[key].add(event, line)
 

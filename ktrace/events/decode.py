@@ -51,9 +51,9 @@ def _comm(raw: bytes) -> str:
     return raw.split(b"\0", 1)[0].decode("utf-8", "replace")
 
 
-TASK_FIELDS = ("task.tgid", "task.pid", "task.ppid", "task.comm", "task.pcomm", "task.uid", "task.gid", "task.cgroup_id",
-               "task.memcg_id", "task.netns", "task.mntns", "task.pidns", "task.userns", "task.seccomp_mode",
-               "task.cap_effective")
+TASK_FIELDS = ("task.tgid", "task.pid", "task.ppid", "task.comm", "task.pcomm", "task.uid", "task.gid",
+               "task.cgroup_id", "task.memcg_id", "task.netns", "task.mntns", "task.pidns", "task.userns",
+               "task.seccomp_mode", "task.cap_effective")
 # Kinds with a socket tuple have these fields; they are formatted the same way for every kind.
 FLOW_FIELDS = ("family", "saddr", "sport", "daddr", "dport")
 # The fields each kind's formatter reads, in the order it unpacks them.

@@ -22,9 +22,9 @@ LATE_REPLY_NS = 30_000_000_000  # how long a timed-out query can still be answer
 TCP_CONTINUATION_NS = 1_000_000_000  # a TCP read this soon after a reply is the rest of it
 
 # The fields of a query that its timeout event repeats: who asked whom.
-_TIMEOUT_FIELDS = ("pid", "tid", "ppid", "comm", "process", "uid", "gid", "attribution", "cgroup_id", "memcg_id", "netns",
-                   "mntns", "pidns", "userns", "seccomp", "cap_eff", "cgroup_path", "k8s", "family", "saddr", "sport",
-                   "daddr", "dport", "sk", "netns_sk", "protocol", "role")
+_TIMEOUT_FIELDS = ("pid", "tid", "ppid", "comm", "process", "uid", "gid", "attribution", "cgroup_id", "memcg_id",
+                   "netns", "mntns", "pidns", "userns", "seccomp", "cap_eff", "cgroup_path", "k8s", "family", "saddr",
+                   "sport", "daddr", "dport", "sk", "netns_sk", "protocol", "role")
 
 
 @dataclass

@@ -23,7 +23,7 @@ def lookup(name: str = "web.test", result: str = "ok", ms: float = 1.0, pid: int
            **fields) -> dict:
     ret = {"ok": 0, "EAI_NONAME": -2, "EAI_AGAIN": -3}.get(result, -1)
     return {**GAI_OK, "name": name, "result": result, "ret": ret, "latency_ms": ms, "pid": pid, "tid": pid,
-            "comm": comm, **fields}
+            "comm": comm, "process": comm, **fields}
 
 
 def feed(events: list[dict]) -> LookupAnalysis:

@@ -9,9 +9,21 @@ server such as CoreDNS answering) gets its own table.
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from ktrace.analyze.common import MAX_LINES, Examples, endpoint, finding, percentile, process_name
+from ktrace.analyze.common import (
+    MAX_LINES,
+    Examples,
+    Group,
+    capped,
+    endpoint,
+    finding,
+    grouped,
+    percentile,
+    process_name,
+)
+from ktrace.enrich.identity import owner_pod
 
 MAX_KEYS = 4096  # servers, processes and (process, server) pairs tracked
 MAX_RTTS = 4096  # RTT samples kept per key for percentiles
@@ -33,7 +45,12 @@ class _Stats:
     first: str = ""
     last: str = ""
     lines: list[int] = field(default_factory=list)  # example lines of queries that got no reply
+    slow_lines: list[int] = field(default_factory=list)  # example lines of replies slower than SLOW_DNS_MS
     identity: dict = field(default_factory=dict)
+    pod: str | None = None  # uid of the pod of its first event
+
+    def examples(self, count: int, lines: list[int]) -> Examples:
+        return Examples(count=count, lines=lines, first=self.first, last=self.last, pod=self.pod)
 
     def rtt(self) -> dict:
         values = sorted(self.rtts)
@@ -41,6 +58,9 @@ class _Stats:
                 "max": values[-1] if values else None}
 
     def seen(self, event: dict) -> None:
+        if not self.first:
+            k8s = owner_pod(event)
+            self.pod = k8s["pod_uid"] if k8s else None
         self.first = self.first or event["time"]
         self.last = event["time"]
 
@@ -121,6 +141,8 @@ class DnsAnalysis:
             rtt = event.get("rtt_ms")
             if rtt is not None and not event.get("late") and len(stats.rtts) < MAX_RTTS:
                 stats.rtts.append(rtt)
+            if rtt is not None and rtt >= SLOW_DNS_MS and line is not None and len(stats.slow_lines) < MAX_LINES:
+                stats.slow_lines.append(line)
         else:
             if event.get("window_end"):
                 stats.unanswered_at_end += 1
@@ -132,21 +154,21 @@ class DnsAnalysis:
     # --- results ---
 
     def summary(self) -> dict:
-        def rows(table: dict, name: str) -> list[dict]:
-            ordered = sorted(table.items(), key=lambda kv: (-kv[1].queries, str(kv[0])))[:TOP]
+        def rows(table: dict, name: str) -> dict:
+            ordered = sorted(table.items(), key=lambda kv: (-kv[1].queries, str(kv[0])))
             out = []
             for key, stats in ordered:
                 row = {"server": key} if name == "server" else {**stats.identity}
                 if name == "served":
                     row["server"] = key[2]
                 out.append({**row, **stats.counts()})
-            return out
+            return capped(f"by_{name}" if name != "served" else name, out, TOP)
 
         return {
             **self.total.counts(),
-            "by_server": rows(self.by_server, "server"),
-            "by_process": rows(self.by_process, "process"),
-            "served": rows(self.served, "served"),
+            **rows(self.by_server, "server"),
+            **rows(self.by_process, "process"),
+            **rows(self.served, "served"),
             "keys_not_tracked": self.keys_overflow,
         }
 
@@ -160,61 +182,71 @@ class DnsAnalysis:
                         "timeouts": s.timeouts, "unanswered_at_window_end": s.unanswered_at_end,
                         "first": s.first, "last": s.last, "lines": s.lines})
         out.sort(key=lambda r: (-r["timeouts"], -r["unanswered_at_window_end"], r["pid"]))
-        return out[:TOP * 5]
+        return out
 
     def findings(self, timeout_s: float | None = None) -> list[dict]:
+        """Per process findings are grouped per command, pod and server."""
         within = f" within {timeout_s:g} s" if timeout_s else ""
         out = []
-        for (pid, comm, server), s in sorted(self.by_pair.items(), key=lambda kv: -kv[1].timeouts):
-            if not s.timeouts:
-                continue
-            e = Examples(count=s.timeouts, lines=s.lines, first=s.first, last=s.last)
+        pairs = [(pid, s, (comm, server)) for (pid, comm, server), s in self.by_pair.items() if s.timeouts]
+        for (comm, server), g, s in _grouped_stats(pairs, lambda s: s.timeouts, lambda s: s.lines):
             severity = "critical" if s.replies == 0 or s.timeouts >= 10 else "warning"
             out.append(finding(
                 "dns_timeout", severity,
-                f"{comm} ({pid}): {s.timeouts} of {s.queries} DNS queries to {server} got no reply{within}",
-                {**s.identity, "server": server}, e,
+                f"{g.who(comm)}: {s.timeouts} of {s.queries} DNS queries to {server} got no reply{within}",
+                {**s.identity, **g.subject(), "comm": comm, "server": server}, g,
                 "The query or its reply was lost: check the DNS server's health and load, conntrack/NAT on the "
                 "path (a full conntrack table drops UDP), and NetworkPolicies to the DNS service.",
             ))
         for server, s in sorted(self.by_server.items(), key=lambda kv: -kv[1].queries):
             if s.replies or s.queries < UNRESPONSIVE_QUERIES or not (s.timeouts or s.unanswered_at_end):
                 continue
-            e = Examples(count=s.queries, lines=s.lines, first=s.first, last=s.last)
             out.append(finding(
                 "dns_server_unresponsive", "critical",
                 f"DNS server {server} answered none of {s.queries} queries",
-                {"server": server}, e,
+                {"server": server}, s.examples(s.queries, s.lines),
                 "Nothing answers there: the DNS pods or the upstream resolver are down, or traffic to them is dropped.",
             ))
         for server, s in sorted(self.by_server.items()):
             rtt = s.rtt()
             if rtt["count"] < MIN_SLOW_REPLIES or rtt["p99"] is None or rtt["p99"] < SLOW_DNS_MS:
                 continue
-            e = Examples(count=rtt["count"], first=s.first, last=s.last)
             out.append(finding(
                 "slow_dns", "warning",
                 f"DNS server {server}: p99 reply time {rtt['p99']:.0f} ms over {rtt['count']} replies",
-                {"server": server, "rtt_ms": rtt}, e,
+                {"server": server, "rtt_ms": rtt}, s.examples(rtt["count"], s.slow_lines),
                 "Replies come, but slowly: an overloaded DNS server, a slow upstream, or retries after lost packets.",
             ))
-        for (pid, comm, server, error), e in sorted(self.errors.items(), key=lambda kv: -kv[1].count):
+        errors = grouped((pid, e, (comm, server, error)) for (pid, comm, server, error), e in self.errors.items())
+        for (comm, server, error), g in errors:
             out.append(finding(
                 "dns_error", "warning",
-                f"{comm} ({pid}): {e.count} DNS send/receive(s) to {server} failed with {error}",
-                {"pid": pid, "comm": comm, "server": server, "error": error}, e,
+                f"{g.who(comm)}: {g.count} DNS send/receive(s) to {server} failed with {error}",
+                {**g.subject(), "comm": comm, "server": server, "error": error}, g,
                 "ECONNREFUSED: nothing listens on the server's DNS port (ICMP port unreachable); ENETUNREACH or "
                 "EHOSTUNREACH: no route to the server.",
             ))
-        for (pid, comm, local), s in sorted(self.served.items(), key=lambda kv: -kv[1].timeouts):
-            if not s.timeouts:
-                continue
-            e = Examples(count=s.timeouts, lines=s.lines, first=s.first, last=s.last)
+        served = [(pid, s, (comm, local)) for (pid, comm, local), s in self.served.items() if s.timeouts]
+        for (comm, local), g, s in _grouped_stats(served, lambda s: s.timeouts, lambda s: s.lines):
             out.append(finding(
                 "dns_server_dropped", "warning",
-                f"{comm} ({pid}) serving {local}: {s.timeouts} of {s.queries} queries received were not answered"
+                f"{g.who(comm)} serving {local}: {s.timeouts} of {s.queries} queries received were not answered"
                 f"{within}",
-                {**s.identity, "server": local}, e,
+                {**s.identity, **g.subject(), "comm": comm, "server": local}, g,
                 "The local DNS server read the queries and never replied: overload, a stuck upstream, or a crash loop.",
             ))
         return out
+
+
+def _grouped_stats(items: list[tuple[int, _Stats, tuple]], count: Callable[[_Stats], int],
+                   lines: Callable[[_Stats], list[int]]) -> list[tuple[tuple, Group, _Stats]]:
+    """Per process stats grouped per command, pod and server: the group, and the stats added up (the identity
+    of its first process)."""
+    totals: dict[tuple, _Stats] = {}
+    for _pid, s, key in items:
+        total = totals.setdefault((key, s.pod), _Stats(identity=s.identity, pod=s.pod))
+        total.queries += s.queries
+        total.replies += s.replies
+        total.timeouts += s.timeouts
+    groups = grouped((pid, s.examples(count(s), lines(s)), key) for pid, s, key in items)
+    return [(key, g, totals[(key, g.pod)]) for key, g in groups]

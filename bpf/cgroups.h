@@ -23,6 +23,6 @@ struct kt_cgroup_mkdir_event {
 	__s32 level;		/* depth below the hierarchy's root (its children are level 1) */
 	__u8 path[KT_CGROUP_PATH_LEN];
 };
-_Static_assert(sizeof(struct kt_cgroup_mkdir_event) == 368, "kt_cgroup_mkdir_event layout");
+_Static_assert(sizeof(struct kt_cgroup_mkdir_event) == 384, "kt_cgroup_mkdir_event layout");
 
 #endif /* KTRACE_CGROUPS_H */

@@ -177,6 +177,8 @@ static __always_inline void kt_fill_task(struct kt_task *t, struct task_struct *
 	t->pidns = BPF_CORE_READ(ns, pid_ns_for_children, ns.inum);
 	t->userns = BPF_CORE_READ(cred, user_ns, ns.inum);
 	BPF_CORE_READ_STR_INTO(&t->comm, task, comm);
+	/* a worker thread may be named apart (prctl PR_SET_NAME: dig's isc-net-0000); rows keyed by process use this */
+	BPF_CORE_READ_STR_INTO(&t->pcomm, task, group_leader, comm);
 }
 
 static __always_inline void kt_fill_current(struct kt_task *t)

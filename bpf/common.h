@@ -88,9 +88,10 @@ struct kt_task {
 	__u32 pidns;
 	__u32 userns;
 	__u32 seccomp_mode;
-	__u8 comm[KT_COMM_LEN];
+	__u8 comm[KT_COMM_LEN];	/* the thread's name */
+	__u8 pcomm[KT_COMM_LEN];	/* the process's name: the thread group leader's comm */
 };
-_Static_assert(sizeof(struct kt_task) == 80, "kt_task layout");
+_Static_assert(sizeof(struct kt_task) == 96, "kt_task layout");
 
 /* Per-family loss accounting, per CPU, summed in user space. */
 struct kt_counters {

@@ -41,6 +41,6 @@ struct kt_dns_lookup_event {
 	__u8 _pad[5];
 	__u8 name[KT_NAME_LEN];	/* the name asked for, NUL-terminated */
 };
-_Static_assert(sizeof(struct kt_dns_lookup_event) == 376, "kt_dns_lookup_event layout");
+_Static_assert(sizeof(struct kt_dns_lookup_event) == 392, "kt_dns_lookup_event layout");
 
 #endif /* KTRACE_DNS_NAMES_H */

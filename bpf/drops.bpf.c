@@ -11,7 +11,8 @@
  * protocol), which user space reads when the window ends. Only TCP and UDP
  * packets on a --ports port cross the ring (per-flow detail), and so does a
  * drop whose key no longer fits in a full map. Without --ports there is no
- * per-flow event at all.
+ * per-flow event at all. With --dns-only only TCP/UDP drops on a DNS port are
+ * kept (as events: the DNS ports are the selected ports); the rest is filtered.
  */
 #include "common.bpf.h"
 #include "drops.h"
@@ -24,6 +25,10 @@ struct kt_drop_key _kt_drop_key = {};
 enum kt_kind _kt_kind = 0;
 enum kt_family _kt_family = 0;
 enum kt_attribution _kt_attribution = 0;
+
+/* --dns-only: drops of TCP/UDP packets on a DNS port only (the ports map holds the DNS ports); others are
+ * counted as filtered, neither in drop_counts nor as events. */
+const volatile __u8 kt_dns_only = 0;
 
 #define ETH_P_IP 0x0800
 #define ETH_P_IPV6 0x86DD
@@ -178,6 +183,11 @@ static __always_inline int kt_drop(struct sk_buff *skb, __u64 location, __u32 re
 	key.reason = reason;
 	key.protocol = protocol;
 	key.ip_proto = p.ip_proto;
+	if (kt_dns_only && !((p.sport || p.dport) && kt_ports_allow(p.sport, p.dport))) {
+		if (c)
+			__sync_fetch_and_add(&c->filtered, 1);
+		return 0;
+	}
 	/* per-flow detail: TCP/UDP on a selected port; everything else is only counted */
 	if (!(kt_filter_ports && (p.sport || p.dport) && kt_ports_allow(p.sport, p.dport))) {
 		if (kt_count_drop(&key)) {

@@ -46,6 +46,6 @@ struct kt_drop_event {
 	__u8 attribution;	/* enum kt_attribution: always KT_ATTR_CPU */
 	__u8 _pad[2];
 };
-_Static_assert(sizeof(struct kt_drop_event) == 184, "kt_drop_event layout");
+_Static_assert(sizeof(struct kt_drop_event) == 200, "kt_drop_event layout");
 
 #endif /* KTRACE_DROPS_H */

@@ -84,6 +84,7 @@ struct kt_bio_start {
 	__u32 dev;
 	__u32 bytes;
 	__u8 comm[KT_COMM_LEN];
+	__u8 pcomm[KT_COMM_LEN];	/* its process's name (the thread group leader's comm) */
 	__u8 op;
 	__u8 _pad[7];
 };
@@ -342,6 +343,7 @@ static __always_inline int kt_bio_issue(struct request *rq)
 	s.dev = kt_rq_dev(rq);
 	s.pid_tgid = bpf_get_current_pid_tgid();
 	bpf_get_current_comm(&s.comm, sizeof(s.comm));
+	BPF_CORE_READ_STR_INTO(&s.pcomm, (struct task_struct *)bpf_get_current_task(), group_leader, comm);
 	if (bpf_map_update_elem(&bio_inflight, &key, &s, BPF_ANY))
 		kt_lat_loss(KT_LOSS_BIO_INFLIGHT_FULL);
 	return 0;
@@ -364,6 +366,7 @@ static __always_inline void kt_bio_outlier(const struct kt_bio_start *s, __u64 l
 	e->task.pid = (__u32)s->pid_tgid;
 	e->task.tgid = s->pid_tgid >> 32;
 	__builtin_memcpy(e->task.comm, s->comm, KT_COMM_LEN);
+	__builtin_memcpy(e->task.pcomm, s->pcomm, KT_COMM_LEN);
 	e->latency_ns = latency;
 	e->sector = s->sector;
 	e->dev = s->dev;

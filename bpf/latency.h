@@ -60,7 +60,7 @@ struct kt_runq_latency_event {
 	__u32 prev_tgid;
 	__u8 prev_comm[KT_COMM_LEN];
 };
-_Static_assert(sizeof(struct kt_runq_latency_event) == 128, "kt_runq_latency_event layout");
+_Static_assert(sizeof(struct kt_runq_latency_event) == 144, "kt_runq_latency_event layout");
 
 /* What a block request does, from its REQ_OP. */
 enum kt_bio_op {
@@ -103,6 +103,6 @@ struct kt_bio_latency_event {
 	__u8 op;		/* enum kt_bio_op */
 	__u8 _pad[3];
 };
-_Static_assert(sizeof(struct kt_bio_latency_event) == 128, "kt_bio_latency_event layout");
+_Static_assert(sizeof(struct kt_bio_latency_event) == 144, "kt_bio_latency_event layout");
 
 #endif /* KTRACE_LATENCY_H */

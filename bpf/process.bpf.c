@@ -293,6 +293,7 @@ int kt_oom_tp(struct trace_event_raw_mark_victim *ctx)
 		e->task.tgid = pid;	/* the victim is the group leader the OOM killer chose */
 		e->task.uid = BPF_CORE_READ(ctx, uid);
 		bpf_probe_read_kernel_str(e->task.comm, sizeof(e->task.comm), (void *)ctx + (loc & 0xffff));
+		__builtin_memcpy(e->task.pcomm, e->task.comm, KT_COMM_LEN);
 		/* the memory cgroup charged is the allocating task's (or an ancestor of it) */
 		{
 			struct task_struct *current = (struct task_struct *)bpf_get_current_task();

@@ -49,7 +49,7 @@ struct kt_oom_event {
 	__u8 _pad[5];
 	__u8 trigger_comm[KT_COMM_LEN];
 };
-_Static_assert(sizeof(struct kt_oom_event) == 168, "kt_oom_event layout");
+_Static_assert(sizeof(struct kt_oom_event) == 184, "kt_oom_event layout");
 
 /*
  * A successful execve(). The task block is the process after the exec (new
@@ -66,7 +66,7 @@ struct kt_exec_event {
 	__u8 filename[KT_PATH_LEN];
 	__u8 args[KT_ARGS_LEN];
 };
-_Static_assert(sizeof(struct kt_exec_event) == 616, "kt_exec_event layout");
+_Static_assert(sizeof(struct kt_exec_event) == 632, "kt_exec_event layout");
 
 /*
  * A new process (a child that leads its own thread group). The task block is
@@ -78,7 +78,7 @@ struct kt_fork_event {
 	__u32 child_pid;
 	__u32 child_ppid;	/* the child's real parent (differs from the caller with CLONE_PARENT) */
 };
-_Static_assert(sizeof(struct kt_fork_event) == 104, "kt_fork_event layout");
+_Static_assert(sizeof(struct kt_fork_event) == 120, "kt_fork_event layout");
 
 /*
  * A thread group leader exited. exit_code is the kernel's raw wait status:
@@ -92,6 +92,6 @@ struct kt_exit_event {
 	__u32 exit_code;
 	__u32 _pad;
 };
-_Static_assert(sizeof(struct kt_exit_event) == 112, "kt_exit_event layout");
+_Static_assert(sizeof(struct kt_exit_event) == 128, "kt_exit_event layout");
 
 #endif /* KTRACE_PROCESS_H */

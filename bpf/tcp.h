@@ -27,7 +27,7 @@ struct kt_tcp_state_event {
 	__u8 sk_err;		/* sk->sk_err when entering CLOSE (ETIMEDOUT, ECONNREFUSED, ...) */
 	__u8 _pad[6];
 };
-_Static_assert(sizeof(struct kt_tcp_state_event) == 160, "kt_tcp_state_event layout");
+_Static_assert(sizeof(struct kt_tcp_state_event) == 176, "kt_tcp_state_event layout");
 
 /* One connect(2) on an AF_INET/AF_INET6 socket, from entry to return. */
 struct kt_connect_event {
@@ -44,7 +44,7 @@ struct kt_connect_event {
 	__u16 family;
 	__u16 protocol;		/* IPPROTO_TCP or IPPROTO_UDP */
 };
-_Static_assert(sizeof(struct kt_connect_event) == 160, "kt_connect_event layout");
+_Static_assert(sizeof(struct kt_connect_event) == 176, "kt_connect_event layout");
 
 /* tcp_retransmit_skb: one retransmitted segment. */
 struct kt_retransmit_event {
@@ -63,7 +63,7 @@ struct kt_retransmit_event {
 	__u8 state;
 	__u8 attribution;
 };
-_Static_assert(sizeof(struct kt_retransmit_event) == 160, "kt_retransmit_event layout");
+_Static_assert(sizeof(struct kt_retransmit_event) == 176, "kt_retransmit_event layout");
 
 enum kt_reset_direction {
 	KT_RESET_SENT = 1,
@@ -87,6 +87,6 @@ struct kt_reset_event {
 	__u8 attribution;
 	__u8 _pad1[7];
 };
-_Static_assert(sizeof(struct kt_reset_event) == 160, "kt_reset_event layout");
+_Static_assert(sizeof(struct kt_reset_event) == 176, "kt_reset_event layout");
 
 #endif /* KTRACE_TCP_H */

@@ -42,7 +42,7 @@ struct kt_udp_flow_event {
 	__u8 direction;		/* enum kt_direction */
 	__u8 _pad;
 };
-_Static_assert(sizeof(struct kt_udp_flow_event) == 176, "kt_udp_flow_event layout");
+_Static_assert(sizeof(struct kt_udp_flow_event) == 192, "kt_udp_flow_event layout");
 
 /* Key of the udp_flows map: a direction of a tuple, per process and namespace. */
 struct kt_udp_flow_key {
@@ -96,6 +96,6 @@ struct kt_dns_event {
 	__u8 role;		/* enum kt_dns_role */
 	__u8 _pad[6];
 };
-_Static_assert(sizeof(struct kt_dns_event) == 168, "kt_dns_event layout");
+_Static_assert(sizeof(struct kt_dns_event) == 184, "kt_dns_event layout");
 
 #endif /* KTRACE_UDP_H */

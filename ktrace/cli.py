@@ -293,21 +293,9 @@ def snapshot(duration: float, out_dir: Path, node: str | None, ports: tuple[int,
                            cri_socket=cri_socket, pod_logs_dir=pod_logs_dir)
     result = run(opts)
     if not quiet:
-        s = result.summary
-        lost = s["losses"]["total"]
-        # a udp_flow line stands for many datagrams: lines and kernel events are different counts
-        click.echo(f"ktrace: {s['window']['actual_s']:.1f}s, {s['files']['events']['lines']:,} lines written for "
-                   f"{lost['written']:,} kernel events ({lost['capped']:,} capped, {lost['ringbuf_full']:,} lost), "
-                   f"{len(s['findings'])} findings", err=True)
-        if s["sampling"]["families"]:  # never silent: the counts below cover the kept flows only
-            sampled = ", ".join(row["family"] for row in s["sampling"]["families"])
-            click.echo(f"ktrace: sampled 1 flow in {s['sampling']['every']} of {sampled}: their counts and findings "
-                       "cover the kept flows only", err=True)
-        for finding in s["findings"][:10]:
-            click.echo(f"  [{finding['severity']}] {finding['title']}", err=True)
-        for reason in s["degraded"]:
-            click.echo(f"ktrace: degraded: {reason}", err=True)
-    click.echo(str(result.paths["bundle.tgz"]))  # stdout holds only this line: scripts read it
+        for line in result.summary["console"]["lines"]:  # the view summary.json keeps, exactly as printed
+            click.echo(line, err=True)
+    click.echo(str(result.paths["bundle.tgz"]))  # stdout holds only this line, also with -q: scripts read it
     return int(result.status)
 
 

@@ -13,7 +13,7 @@ import math
 from collections import defaultdict
 from dataclasses import dataclass, field
 
-from ktrace.analyze.common import Examples, finding
+from ktrace.analyze.common import Examples, capped, finding
 
 TOP = 10
 WORST = 5  # worst outliers kept per cgroup or disk
@@ -72,6 +72,20 @@ class _Histogram:
                 "mean_ms": round(self.sum_ms / count, 3) if count else None}
 
 
+def _worst_of_all(name: str, outliers: list[tuple[float, dict]], total: int) -> dict:
+    """The TOP worst outliers of every subject, and how many of the total outlier events are not listed."""
+    worst = _worst(outliers, TOP)
+    return {name: worst, f"{name}_omitted": total - len(worst)}
+
+
+def _outlier_examples(outliers: Examples | None, row: dict) -> Examples:
+    """The outlier events of a row, or, with none, its histogram line (the tables of outliers are defaultdicts:
+    an empty entry is no outlier)."""
+    if outliers is not None and outliers.count:
+        return outliers
+    return Examples(count=row["count"], lines=[row["line"]] if row["line"] else [])
+
+
 def _worst(outliers: list[tuple[float, dict]], n: int) -> list[dict]:
     return [row for _, row in sorted(outliers, key=lambda item: -item[0])[:n]]
 
@@ -122,8 +136,10 @@ class LatencyAnalysis:
     def _runq_rows(self) -> list[dict]:
         rows = []
         for key, hist in self.runq.items():
-            rows.append({**hist.identity, **hist.stats(), "outliers": self.runq_examples[key].count,
-                         "worst": _worst(self.runq_outliers.get(key, []), WORST), "buckets": hist.buckets,
+            outliers = self.runq_examples[key].count
+            worst = _worst(self.runq_outliers.get(key, []), WORST)
+            rows.append({**hist.identity, **hist.stats(), "outliers": outliers,
+                         "worst": worst, "worst_omitted": outliers - len(worst), "buckets": hist.buckets,
                          "line": hist.lines[0] if hist.lines else None})
         rows.sort(key=lambda r: (-(r["p99_ms"] or 0), -r["count"]))
         return rows
@@ -135,8 +151,8 @@ class LatencyAnalysis:
             "threshold_ms": warn_ms if warn_ms is not None else DEFAULT_SCHED_WARN_MS,
             "waits": sum(r["count"] for r in rows),
             "outliers": sum(e.count for e in self.runq_examples.values()),
-            "cgroups": rows[:MAX_ROWS],
-            "worst_waiters": _worst(every, TOP),
+            **capped("cgroups", rows, MAX_ROWS),
+            **_worst_of_all("worst_waiters", every, sum(e.count for e in self.runq_examples.values())),
             "kernel_losses": kernel_losses,
         }
 
@@ -147,7 +163,7 @@ class LatencyAnalysis:
             if row["overflow"] or row["p99_ms"] is None or row["p99_ms"] <= threshold:
                 continue
             key = (row["cgroup_id"], row["memcg_id"])
-            examples = self.runq_examples.get(key) or Examples(count=row["count"])
+            examples = _outlier_examples(self.runq_examples.get(key), row)
             named = row["cgroup_path"] or f"id {row['cgroup']}"
             worst = row["worst"][0] if row["worst"] else None
             who = f"; worst {worst['comm']} (pid {worst['pid']}) {worst['wait_ms']} ms" if worst else ""
@@ -168,9 +184,10 @@ class LatencyAnalysis:
     def _bio_rows(self) -> list[dict]:
         rows = []
         for key, hist in self.bio.items():
-            rows.append({**hist.identity, **hist.stats(), "bytes": hist.bytes,
-                         "outliers": self.bio_examples[key].count,
-                         "worst": _worst(self.bio_outliers.get(key, []), WORST), "buckets": hist.buckets,
+            outliers = self.bio_examples[key].count
+            worst = _worst(self.bio_outliers.get(key, []), WORST)
+            rows.append({**hist.identity, **hist.stats(), "bytes": hist.bytes, "outliers": outliers,
+                         "worst": worst, "worst_omitted": outliers - len(worst), "buckets": hist.buckets,
                          "line": hist.lines[0] if hist.lines else None})
         rows.sort(key=lambda r: (-(r["p99_ms"] or 0), -r["count"]))
         return rows
@@ -183,8 +200,8 @@ class LatencyAnalysis:
             "threshold_ms": warn_ms if warn_ms is not None else DEFAULT_BIO_WARN_MS,
             "requests": sum(r["count"] for r in rows),
             "outliers": sum(e.count for e in self.bio_examples.values()),
-            "devices": rows[:MAX_ROWS],
-            "worst_requests": _worst(every, TOP),
+            **capped("devices", rows, MAX_ROWS),
+            **_worst_of_all("worst_requests", every, sum(e.count for e in self.bio_examples.values())),
             "kernel_losses": kernel_losses,
         }
 
@@ -194,7 +211,7 @@ class LatencyAnalysis:
         for row in self._bio_rows():
             if row["overflow"] or row["p99_ms"] is None or row["p99_ms"] <= threshold:
                 continue
-            examples = self.bio_examples.get((row["dev"], row["op"])) or Examples(count=row["count"])
+            examples = _outlier_examples(self.bio_examples.get((row["dev"], row["op"])), row)
             disk = row["disk"] or row["dev"]
             out.append(finding(
                 "slow_disk", "warning",

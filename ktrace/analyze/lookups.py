@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass, field
 
-from ktrace.analyze.common import Examples, finding, percentile
+from ktrace.analyze.common import Examples, capped, finding, grouped, percentile, process_name
 
 MAX_NAMES = 4096  # distinct names with their own counts
 MAX_PROCESSES = 4096  # distinct (pid, comm) with their own counts
@@ -81,7 +81,7 @@ class LookupAnalysis:
             self.samples.append(ms)
         self.by_result[result] += 1
         self.by_function[event["function"]] += 1
-        proc = (event["pid"], event["comm"])
+        proc = (event["pid"], process_name(event))
         for table, key, cap, what in ((self.names, name, MAX_NAMES, "names"),
                                       (self.processes, proc, MAX_PROCESSES, "processes")):
             stats = table.get(key)
@@ -125,23 +125,34 @@ class LookupAnalysis:
             },
             "by_result": dict(sorted(self.by_result.items(), key=lambda kv: (-kv[1], kv[0]))),
             "by_function": dict(sorted(self.by_function.items(), key=lambda kv: (-kv[1], kv[0]))),
-            "top_names": [{"name": n, "lookups": s.lookups, "failed": s.failed, "max_ms": s.max_ms}
-                          for n, s in names[:TOP]],
-            "failing_names": [{"name": n, "lookups": s.lookups, "failed": s.failed} for n, s in failing[:TOP]],
-            "top_processes": [{"pid": pid, "comm": comm, "lookups": s.lookups, "failed": s.failed,
-                               "max_ms": s.max_ms} for (pid, comm), s in procs[:TOP]],
+            **capped("top_names", [{"name": n, "lookups": s.lookups, "failed": s.failed, "max_ms": s.max_ms}
+                                   for n, s in names], TOP),
+            **capped("failing_names", [{"name": n, "lookups": s.lookups, "failed": s.failed} for n, s in failing],
+                     TOP),
+            **capped("top_processes", [{"pid": pid, "comm": comm, "lookups": s.lookups, "failed": s.failed,
+                                        "max_ms": s.max_ms} for (pid, comm), s in procs], TOP),
             "not_tracked": {what: self.not_tracked[what] for what in ("names", "processes", "pairs")},
         }
 
     def findings(self) -> list[dict]:
+        """Grouped per command, pod and name: many processes of one command make one finding."""
         out = []
-        pairs = sorted(self.pairs.items(), key=lambda kv: (-kv[1].failures.count, kv[0]))
-        for (pid, comm, name), pair in pairs:
-            unresolved = sum(n for r, n in pair.results.items() if r in NOT_FOUND or r in NO_ANSWER)
+        failing: dict[tuple, list] = {}  # (comm, name) → the pairs of its processes, to add their results up
+        items = []
+        for (pid, comm, name), pair in self.pairs.items():
+            if pair.failures.count:
+                items.append((pid, pair.failures, (comm, name)))
+                failing.setdefault((comm, name, pair.failures.pod), []).append(pair)
+        for (comm, name), g in grouped(items):
+            pairs = failing[(comm, name, g.pod)]
+            results: Counter[str] = Counter()
+            for pair in pairs:
+                results.update(pair.results)
+            unresolved = sum(n for r, n in results.items() if r in NOT_FOUND or r in NO_ANSWER)
             if unresolved < FAILED_REPEATEDLY:
                 continue
-            no_answer = sum(n for r, n in pair.results.items() if r in NO_ANSWER)
-            results = dict(sorted(pair.results.items(), key=lambda kv: (-kv[1], kv[0])))
+            no_answer = sum(n for r, n in results.items() if r in NO_ANSWER)
+            results = Counter(dict(sorted(results.items(), key=lambda kv: (-kv[1], kv[0]))))
             if no_answer >= unresolved - no_answer:
                 hint = ("No DNS server answered in time, or they failed (EAI_AGAIN/TRY_AGAIN): check that the "
                         "nameservers in the process's resolv.conf (CoreDNS/kube-dns) are reachable and not "
@@ -152,17 +163,17 @@ class LookupAnalysis:
             shown = ", ".join(f"{r} x{n}" for r, n in results.items())
             out.append(finding(
                 "dns_lookup_failed", "critical" if no_answer >= CRITICAL_NO_ANSWER else "warning",
-                f"{comm} ({pid}): {pair.failures.count} lookup(s) of {name} failed ({shown})",
-                {"pid": pid, "comm": comm, "name": name, "function": pair.function, "results": results},
-                pair.failures, hint,
+                f"{g.who(comm)}: {g.count} lookup(s) of {name} failed ({shown})",
+                {**g.subject(), "comm": comm, "name": name, "function": pairs[0].function, "results": dict(results)},
+                g, hint,
             ))
-        slow = sorted(((k, p) for k, p in self.pairs.items() if p.slow.count),
-                      key=lambda kv: (-kv[1].slow.count, kv[0]))
-        for (pid, comm, name), pair in slow:
+        functions = {(comm, name): p.function for (_pid, comm, name), p in self.pairs.items() if p.slow.count}
+        slow = grouped((pid, p.slow, (comm, name)) for (pid, comm, name), p in self.pairs.items() if p.slow.count)
+        for (comm, name), g in slow:
             out.append(finding(
                 "dns_lookup_slow", "warning",
-                f"{comm} ({pid}): {pair.slow.count} lookup(s) of {name} took >= {SLOW_LOOKUP_MS:.0f} ms",
-                {"pid": pid, "comm": comm, "name": name, "function": pair.function}, pair.slow,
+                f"{g.who(comm)}: {g.count} lookup(s) of {name} took >= {SLOW_LOOKUP_MS:.0f} ms",
+                {**g.subject(), "comm": comm, "name": name, "function": functions[(comm, name)]}, g,
                 "The answer came only after a resolver timeout and a retry: a DNS server dropped queries "
                 "(conntrack races on UDP, an overloaded CoreDNS) or the first nameserver is down.",
             ))

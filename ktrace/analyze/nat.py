@@ -21,7 +21,7 @@ HINT_RACE = ("Entries lost an insert race (two packets of one new flow on two CP
 
 def conntrack_findings(tables: list[dict]) -> list[dict]:
     out = []
-    for row in tables:
+    for index, row in enumerate(tables):
         subject = {"netns": row["netns"], "entries_max": row["entries_max"], "limit": row["limit"],
                    "drop": row["drop"], "early_drop": row["early_drop"], "insert_failed": row["insert_failed"]}
         refused = row["drop"] + row["early_drop"]
@@ -30,13 +30,13 @@ def conntrack_findings(tables: list[dict]) -> list[dict]:
             out.append(finding("conntrack_pressure", "critical",
                                f"conntrack table full in {where}: {row['drop']} new connections dropped, "
                                f"{row['early_drop']} entries evicted ({row['entries_max']} of {row['limit']})",
-                               subject, Examples(count=refused), HINT_FULL))
+                               subject, Examples(count=refused), HINT_FULL, f"/nat/tables/{index}"))
         elif row["limit"] and row["entries_max"] >= NEAR_FULL * row["limit"]:
             out.append(finding("conntrack_pressure", "warning",
                                f"conntrack table nearly full in {where}: {row['entries_max']} of {row['limit']}",
-                               subject, Examples(count=row["entries_max"]), HINT_NEAR))
+                               subject, Examples(count=row["entries_max"]), HINT_NEAR, f"/nat/tables/{index}"))
         if row["insert_failed"]:
             out.append(finding("conntrack_pressure", "warning",
                                f"{row['insert_failed']} conntrack inserts failed in {where} (clashing flows dropped)",
-                               subject, Examples(count=row["insert_failed"]), HINT_RACE))
+                               subject, Examples(count=row["insert_failed"]), HINT_RACE, f"/nat/tables/{index}"))
     return out

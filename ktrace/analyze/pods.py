@@ -16,7 +16,7 @@ from bisect import bisect_left
 from collections import Counter
 from dataclasses import dataclass, field
 
-from ktrace.analyze.common import endpoint
+from ktrace.analyze.common import capped, endpoint
 from ktrace.analyze.dns import is_message
 from ktrace.enrich.identity import owner_pod
 
@@ -181,15 +181,16 @@ class PodAnalysis:
         rows = [{"pod_uid": uid, "qos": p.qos, "namespace": p.namespace, "pod": p.name, "events": p.events,
                  "tcp_connects": p.connects, "tcp_connects_failed": p.connects_failed, "tcp_accepts": p.accepts,
                  "dns_timeouts": p.dns_timeouts,
-                 "containers": [c for c, _ in p.containers.most_common(MAX_CONTAINERS)],
+                 **capped("containers", [c for c, _ in p.containers.most_common()], MAX_CONTAINERS),
                  "findings": sorted(by_pod.get(uid, {}).values(),
                                     key=lambda r: (SEVERITY_ORDER.get(r["severity"], 3), -r["count"], r["rule"])),
-                 "tcp_remotes": _tcp_rows(p.tcp), "udp_peers": _udp_rows(p.udp), "dns_servers": _dns_rows(p.dns)}
+                 **capped("tcp_remotes", _tcp_rows(p.tcp), TOP), **capped("udp_peers", _udp_rows(p.udp), TOP),
+                 **capped("dns_servers", _dns_rows(p.dns), TOP)}
                 for uid, p in self.pods.items()]
         rows.sort(key=lambda r: (-r["events"], r["pod_uid"]))
         return {"count": len(self.pods), "untracked_events": self.untracked_events,
                 "lines_not_mapped": self.lines_not_mapped, "peers_not_tracked": self.peers_not_tracked,
-                "pods": rows[:MAX_PODS]}
+                **capped("pods", rows, MAX_PODS)}
 
 
 def _tcp_rows(table: dict[str, Counter]) -> list[dict]:
@@ -197,7 +198,7 @@ def _tcp_rows(table: dict[str, Counter]) -> list[dict]:
     rows = [{"remote": remote, "connects": c["connects"], "established": c["established"], "refused": c["refused"],
              "timed_out": c["timed_out"], "retransmits": c["retransmits"]} for remote, c in table.items()]
     rows.sort(key=lambda r: (-r["connects"], -r["retransmits"], r["remote"]))
-    return rows[:TOP]
+    return rows
 
 
 def _udp_rows(table: dict[str, Counter]) -> list[dict]:
@@ -206,7 +207,7 @@ def _udp_rows(table: dict[str, Counter]) -> list[dict]:
              "bytes_in": c["bytes_in"], "packets_out": c["packets_out"], "packets_in": c["packets_in"],
              "errors": c["errors"], "flows": c["flows"]} for peer, c in table.items()]
     rows.sort(key=lambda r: (-r["bytes"], r["peer"]))
-    return rows[:TOP]
+    return rows
 
 
 def _dns_rows(table: dict[tuple[str, str], Counter]) -> list[dict]:
@@ -215,4 +216,4 @@ def _dns_rows(table: dict[tuple[str, str], Counter]) -> list[dict]:
              "timeouts": c["timeouts"], "unanswered_at_window_end": c["unanswered_at_window_end"],
              "errors": c["errors"]} for (role, server), c in table.items()]
     rows.sort(key=lambda r: (-r["queries"], r["role"], r["server"]))
-    return rows[:TOP]
+    return rows

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections import Counter, deque
 from dataclasses import dataclass, field
 
-from ktrace.analyze.common import Examples, finding
+from ktrace.analyze.common import Examples, capped, finding, grouped, process_name
 
 FORK_STORM_FORKS = 200  # new processes from one parent (or one process tree) ...
 FORK_STORM_WINDOW_NS = 2_000_000_000  # ... within this long make a fork_storm
@@ -111,7 +111,7 @@ class ProcessAnalysis:
         else:
             self.not_tracked["executables"] += 1
         _bounded_put(self.executable_of, event["pid"], name, MAX_PIDS)
-        _bounded_put(self.comm_of, event["pid"], event["comm"], MAX_PIDS)
+        _bounded_put(self.comm_of, event["pid"], process_name(event), MAX_PIDS)
 
     def _root(self, pid: int) -> int:
         """The oldest ancestor of pid seen forking in this window."""
@@ -128,13 +128,13 @@ class ProcessAnalysis:
             if len(table) >= MAX_PARENTS:
                 self.not_tracked["parents"] += 1
                 return
-            forks = table[pid] = _Forks(pid, self.comm_of.get(pid, event["comm"]))
+            forks = table[pid] = _Forks(pid, self.comm_of.get(pid, process_name(event)))
         forks.add(event["ts_ns"], event, line)
 
     def _fork(self, event: dict, line: int | None) -> None:
         self.forks += 1
         pid = event["pid"]
-        _bounded_put(self.comm_of, pid, event["comm"], MAX_PIDS)
+        _bounded_put(self.comm_of, pid, process_name(event), MAX_PIDS)
         _bounded_put(self.parent_of, event["child_pid"], pid, MAX_PIDS)
         self._count(self.parents, pid, event, line)
         root = self._root(pid)
@@ -144,7 +144,7 @@ class ProcessAnalysis:
     def _exit(self, event: dict, line: int | None) -> None:
         self.exits += 1
         reason = exit_reason(event)
-        comm = event["comm"]
+        comm = process_name(event)
         by_comm = self.exits_by_comm.get(comm)
         if by_comm is None:
             if len(self.exits_by_comm) >= MAX_NAMES:
@@ -187,12 +187,12 @@ class ProcessAnalysis:
             "forks": self.forks,
             "exits": self.exits,
             "threads_created": (kernel_counts or {}).get("threads_created"),
-            "top_forking_parents": [
+            **capped("top_forking_parents", [
                 {"pid": f.pid, "comm": f.comm, "forks": f.total, "max_in_window": f.peak,
-                 "window_s": FORK_STORM_WINDOW_NS / 1e9} for f in parents[:TOP]],
-            "top_executables": [{"filename": n, "execs": c}
-                                for n, c in sorted(self.executables.items(), key=lambda kv: (-kv[1], kv[0]))[:TOP]],
-            "nonzero_exits_by_comm": failing[:TOP],
+                 "window_s": FORK_STORM_WINDOW_NS / 1e9} for f in parents], TOP),
+            **capped("top_executables", [{"filename": n, "execs": c} for n, c in
+                                         sorted(self.executables.items(), key=lambda kv: (-kv[1], kv[0]))], TOP),
+            **capped("nonzero_exits_by_comm", failing, TOP),
             "not_tracked": {what: self.not_tracked[what]
                             for what in ("parents", "executables", "comms", "failing_executables")},
         }
@@ -240,39 +240,60 @@ class ProcessAnalysis:
 class OomAnalysis:
     def __init__(self) -> None:
         self.kills = 0
-        self.victims: list[tuple[dict, Examples]] = []
+        self.victims: list[dict] = []  # the first MAX_VICTIMS
+        # (comm, memory cgroup, pod) → its first MAX_VICTIMS kills and how many more: every kill is in a finding
+        self.by_group: dict[tuple, list[tuple[int, Examples, dict]]] = {}
+        self.more: Counter[tuple] = Counter()
 
     def add(self, event: dict, line: int | None) -> None:
         if event["type"] != "oom_kill":
             return
         self.kills += 1
-        if len(self.victims) >= MAX_VICTIMS:
-            return
         examples = Examples()
         examples.add(event, line)
-        row = {k: event[k] for k in ("time", "pid", "comm", "uid", "total_vm_kb", "anon_rss_kb", "file_rss_kb",
+        row = {k: event[k] for k in ("time", "pid", "uid", "total_vm_kb", "anon_rss_kb", "file_rss_kb",
                                      "shmem_rss_kb", "pgtables_kb", "oom_score_adj", "memcg_id", "memcg_path",
                                      "cgroup_id", "cgroup_path", "trigger_pid", "trigger_comm")}
+        row["comm"] = process_name(event)
         row["line"] = line
-        self.victims.append((row, examples))
+        if len(self.victims) < MAX_VICTIMS:
+            self.victims.append(row)
+        key = (row["comm"], row["memcg_path"], row["memcg_id"], examples.pod)
+        kills = self.by_group.setdefault(key, [])
+        if len(kills) < MAX_VICTIMS:
+            kills.append((row["pid"], examples, row))
+        else:
+            self.more[key] += 1
 
     def summary(self) -> dict:
-        return {"kills": self.kills, "victims": [row for row, _ in self.victims]}
+        return {"kills": self.kills, "victims": self.victims, "victims_omitted": self.kills - len(self.victims)}
 
     def findings(self) -> list[dict]:
         out = []
-        for row, examples in self.victims:
+        first: dict[tuple, dict] = {}
+        items = []
+        for key, kills in self.by_group.items():
+            for pid, examples, row in kills:
+                items.append((pid, examples, key))
+                first.setdefault((key, examples.pod), row)
+        for key, g in grouped(items, order=lambda kg: (-kg[1].count - self.more[kg[0]], str(kg[0]))):
+            g.count += self.more[key]
+            g.pids_not_tracked += self.more[key]
+            row = first[(key, g.pod)]
             cgroup = row["memcg_path"] or (f"id {row['memcg_id']}" if row["memcg_id"] else "unknown")
             by = "" if row["trigger_pid"] == row["pid"] else f", while {row['trigger_comm']} ({row['trigger_pid']}) " \
                                                               "was allocating"
+            examples = ", ".join(str(pid) for pid in list(g.pids)[:3])
+            killed = g.who(row["comm"]) if g.count == 1 else f"{g.count} processes of {row['comm']} (e.g. {examples})"
             out.append(finding(
                 "oom_kill", "critical",
-                f"OOM killer killed {row['comm']} ({row['pid']}) in memory cgroup {cgroup}: anon-rss "
-                f"{row['anon_rss_kb'] / 1024:.1f} MiB, total-vm {row['total_vm_kb'] / 1024:.1f} MiB{by}",
-                {"pid": row["pid"], "comm": row["comm"], "memcg_path": row["memcg_path"], "memcg_id": row["memcg_id"],
+                f"OOM killer killed {killed} in memory cgroup {cgroup}: anon-rss "
+                f"{row['anon_rss_kb'] / 1024:.1f} MiB, total-vm {row['total_vm_kb'] / 1024:.1f} MiB{by}"
+                + (" (the first)" if g.count > 1 else ""),
+                {**g.subject(), "comm": row["comm"], "memcg_path": row["memcg_path"], "memcg_id": row["memcg_id"],
                  "cgroup_path": row["cgroup_path"], "trigger_pid": row["trigger_pid"],
                  "trigger_comm": row["trigger_comm"]},
-                examples,
+                g,
                 "The memory cgroup reached its limit (memory.limit_in_bytes, memory.max; a pod's memory limit) and "
                 "the kernel killed its largest process. Raise the limit or find the growth; a cgroup at '/' means "
                 "the whole node ran out of memory.",

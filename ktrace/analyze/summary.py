@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections import Counter
 
+from ktrace.analyze.common import Examples, capped, finding
 from ktrace.analyze.dns import DnsAnalysis
 from ktrace.analyze.drops import DropAnalysis
 from ktrace.analyze.latency import LatencyAnalysis
@@ -20,6 +21,10 @@ LOSS_KINDS = ("filtered", "sampled_out", "ringbuf_full", "capped", "disk_full", 
 # same at both ends (bpf/common.bpf.h kt_sample_ports); "socket", every event of one TCP socket (bpf/tcp.bpf.c).
 SAMPLED_FAMILIES = {"tcp_state": "socket", "connect": "socket", "retransmit": "socket", "reset": "socket",
                     "udp": "ports", "dns": "ports"}
+SEVERITY_ORDER = {"critical": 0, "warning": 1, "info": 2}
+TOP_TALKERS = 10  # TCP processes listed, the most connections first
+DNS_SUSPECTS = 100  # (process, server) pairs with unanswered queries listed
+CONSOLE_FINDINGS = 10  # findings the console lists: every critical one, then the next ones up to this many
 
 
 def sampling(every: int, probes: list[dict]) -> dict:
@@ -29,6 +34,32 @@ def sampling(every: int, probes: list[dict]) -> dict:
         return {"every": 1, "families": []}
     return {"every": every, "families": [{"family": f, "decision": unit}
                                          for f, unit in SAMPLED_FAMILIES.items() if f in ran]}
+
+
+def rank(f: dict) -> tuple:
+    """Strictly by severity, then impact: the events it rests on, then the processes that made them."""
+    return (SEVERITY_ORDER.get(f["severity"], 3), -f["evidence"]["count"], -f["subject"].get("processes", 0),
+            f["rule"], f["title"])
+
+
+def console_view(findings: list[dict], meta: dict, total: dict, lines: int, sampled: dict) -> dict:
+    """What `ktrace snapshot` prints when the window ends, line by line, kept in summary.json as it was printed.
+    findings: ordered by rank; every critical one is listed however many."""
+    critical = sum(1 for f in findings if f["severity"] == "critical")
+    shown = findings[:max(critical, CONSOLE_FINDINGS)]
+    # a udp_flow line stands for many datagrams: lines and kernel events are different counts
+    text = [f"ktrace: {meta.get('window', {}).get('actual_s', 0):.1f}s, {lines:,} lines written for "
+            f"{total['written']:,} kernel events ({total['capped']:,} capped, {total['ringbuf_full']:,} lost), "
+            f"{len(findings)} findings"]
+    if sampled["families"]:  # never silent: the counts cover the kept flows only
+        families = ", ".join(row["family"] for row in sampled["families"])
+        text.append(f"ktrace: sampled 1 flow in {sampled['every']} of {families}: their counts and findings cover "
+                    "the kept flows only")
+    text += [f"  [{f['severity']}] {f['title']}" for f in shown]
+    if len(findings) > len(shown):
+        text.append(f"  ... {len(findings) - len(shown)} more in summary.json (findings)")
+    text += [f"ktrace: degraded: {reason}" for reason in meta.get("degraded", [])]
+    return {"lines": text, "findings_shown": len(shown), "findings_omitted": len(findings) - len(shown)}
 
 
 class Summary:
@@ -79,29 +110,29 @@ class Summary:
                  for kind in ("seen", "written", "aggregated", *LOSS_KINDS)}
         unaccounted = sum(abs(f["seen"] - f["written"] - sum(f[k] for k in LOSS_KINDS)) for f in losses.values())
         if total["ringbuf_full"] or total["undecodable"]:
-            findings.insert(0, {
-                "rule": "events_lost", "severity": "warning",
-                "title": f"{total['ringbuf_full'] + total['undecodable']} events lost in transit",
-                "subject": {}, "evidence": {"count": total["ringbuf_full"] + total["undecodable"], "lines": []},
-                "hint": "The ring buffer filled: raise --ring-size, narrow --ports or use --sample.",
-            })
-        severity_order = {"critical": 0, "warning": 1, "info": 2}
-        findings.sort(key=lambda f: severity_order.get(f["severity"], 3))
+            findings.append(finding(
+                "events_lost", "warning", f"{total['ringbuf_full'] + total['undecodable']} events lost in transit",
+                {}, Examples(count=total["ringbuf_full"] + total["undecodable"]),
+                "The ring buffer filled: raise --ring-size, narrow --ports or use --sample.", "/losses/total"))
+        findings.sort(key=rank)
         for f in findings:
             # the rules know processes and endpoints; the pods come from who made the evidence events
             f["pods"] = self.pods.pods_of(f["evidence"]["lines"])
+        files_events = files.get("events", {})
+        sampled = sampling(every, probes)
+        console = console_view(findings, meta, total, files_events.get("lines", 0), sampled)
         return {
             "schema": SCHEMA,
             **meta,
             "counts": dict(sorted(self.counts.items())),
             "losses": {"by_family": losses, "total": total, "balanced": unaccounted == 0},
             "probes": probes,
-            "sampling": sampling(every, probes),
+            "sampling": sampled,
             "tcp": {**self.tcp.summary(), "sample_every": every},
-            "top_talkers": self.tcp.top_talkers(),
+            **capped("top_talkers", self.tcp.top_talkers(), TOP_TALKERS),
             "udp": {**self.udp.summary(), "kernel_map": udp_map, "sample_every": every},
             "dns": {**self.dns.summary(), "sample_every": every},
-            "dns_suspects": self.dns.suspects(),
+            **capped("dns_suspects", self.dns.suspects(), DNS_SUSPECTS),
             "dns_lookups": self.lookups.summary(),
             "oom": self.oom.summary(),
             "processes": self.processes.summary(process_counts),
@@ -112,6 +143,7 @@ class Summary:
             "nat": nat,
             "cri": cri,
             "findings": findings,
+            "console": console,
             "files": files,
             "warnings": warnings,
         }

@@ -9,7 +9,8 @@ from __future__ import annotations
 from collections import Counter, defaultdict
 from dataclasses import dataclass
 
-from ktrace.analyze.common import MAX_LINES, Examples, endpoint, finding, percentile
+from ktrace.analyze.common import MAX_LINES, Examples, capped, endpoint, finding, grouped, percentile, process_name
+from ktrace.enrich.identity import owner_pod
 
 MAX_SOCKETS = 262144  # sockets tracked at once (open ones; closed ones are dropped)
 MAX_SAMPLES = 65536  # handshake times kept for percentiles
@@ -19,7 +20,7 @@ RETRANSMIT_HOTSPOT = 5
 
 
 def _proc(event: dict) -> tuple[int, str]:
-    return event["pid"], event["comm"]
+    return event["pid"], process_name(event)
 
 
 @dataclass
@@ -30,6 +31,7 @@ class _Socket:
     local: str
     remote: str
     line: int | None
+    pod: str | None
 
 
 class TcpAnalysis:
@@ -49,13 +51,13 @@ class TcpAnalysis:
         if kind == "tcp_state":
             self._state(event, line)
         elif kind == "retransmit":
-            key = (event["pid"], event["comm"], endpoint(event["daddr"], event["dport"]))
+            key = (*_proc(event), endpoint(event["daddr"], event["dport"]))
             self.retransmits[key].add(event, line)
             self.per_process[_proc(event)]["retransmits"] += 1
         elif kind == "reset":
             # a reset with no socket (a closed port) or an unknown owner belongs to no process
             known = event["attribution"] != "cpu"
-            owner = (event["pid"], event["comm"]) if known else (0, "no socket" if event["sk"] == "0x0" else "")
+            owner = _proc(event) if known else (0, "no socket" if event["sk"] == "0x0" else "")
             key = (*owner, event["direction"], event["reason"] or "")
             self.resets[key].add(event, line)
 
@@ -91,8 +93,9 @@ class TcpAnalysis:
             self.sockets.pop(sk, None)
             return
         if sk in self.sockets or len(self.sockets) < MAX_SOCKETS:
+            k8s = owner_pod(event)
             self.sockets[sk] = _Socket(new, proc[0], proc[1], endpoint(event["saddr"], event["sport"]),
-                                       remote, line)
+                                       remote, line, k8s["pod_uid"] if k8s else None)
         else:
             self.sockets_overflow += 1
 
@@ -134,14 +137,14 @@ class TcpAnalysis:
                  "count": e.count}
                 for k, e in sorted(self.resets.items(), key=lambda kv: -kv[1].count)
             ],
-            "retransmits": [
+            **capped("retransmits", [
                 {"pid": k[0], "comm": k[1], "remote": k[2], "count": e.count}
-                for k, e in sorted(self.retransmits.items(), key=lambda kv: -kv[1].count)[:20]
-            ],
+                for k, e in sorted(self.retransmits.items(), key=lambda kv: -kv[1].count)], 20),
             "sockets_not_tracked": self.sockets_overflow,
         }
 
-    def top_talkers(self, limit: int = 10) -> list[dict]:
+    def top_talkers(self) -> list[dict]:
+        """Every process that connected or accepted, the most connections first (summary.json lists TOP)."""
         rows = []
         for (pid, comm), c in self.per_process.items():
             total = c["connects"] + c["accepts"]
@@ -150,52 +153,66 @@ class TcpAnalysis:
                              "inbound": c["accepts"], "refused": c["refused"], "timed_out": c["timeouts"],
                              "retransmits": c["retransmits"]})
         rows.sort(key=lambda r: (-r["connections"], r["pid"]))
-        return rows[:limit]
+        return rows
 
     def findings(self) -> list[dict]:
+        """Grouped per command, pod and remote endpoint: many processes of one command make one finding."""
         out = []
-        for (pid, comm, remote), e in sorted(self.refused.items(), key=lambda kv: -kv[1].count):
+
+        def per_remote(table: dict[tuple[int, str, str], Examples]) -> list:
+            return grouped((pid, e, (comm, remote)) for (pid, comm, remote), e in table.items())
+
+        for (comm, remote), g in per_remote(self.refused):
             out.append(finding(
-                "connect_refused", "warning", f"{comm} ({pid}): {e.count} connect(s) to {remote} refused",
-                {"pid": pid, "comm": comm, "remote": remote}, e,
+                "connect_refused", "warning", f"{g.who(comm)}: {g.count} connect(s) to {remote} refused",
+                {**g.subject(), "comm": comm, "remote": remote}, g,
                 "Nothing listens on that port (RST): check the Service/endpoint and that the server is up.",
             ))
-        for (pid, comm, remote), e in sorted(self.timeouts.items(), key=lambda kv: -kv[1].count):
+        for (comm, remote), g in per_remote(self.timeouts):
             out.append(finding(
-                "syn_timeout", "critical", f"{comm} ({pid}): {e.count} connect(s) to {remote} timed out",
-                {"pid": pid, "comm": comm, "remote": remote}, e,
+                "syn_timeout", "critical", f"{g.who(comm)}: {g.count} connect(s) to {remote} timed out",
+                {**g.subject(), "comm": comm, "remote": remote}, g,
                 "SYNs got no answer: a firewall/NetworkPolicy drop, a blackholed route or a dead peer.",
             ))
-        for (pid, comm, remote), e in sorted(self.slow.items(), key=lambda kv: -kv[1].count):
+        for (comm, remote), g in per_remote(self.slow):
             out.append(finding(
                 "slow_handshake", "warning",
-                f"{comm} ({pid}): {e.count} handshake(s) with {remote} took >= {SLOW_HANDSHAKE_MS:.0f} ms",
-                {"pid": pid, "comm": comm, "remote": remote}, e,
+                f"{g.who(comm)}: {g.count} handshake(s) with {remote} took >= {SLOW_HANDSHAKE_MS:.0f} ms",
+                {**g.subject(), "comm": comm, "remote": remote}, g,
                 "A SYN or SYN-ACK was lost and retransmitted after the 1 s RTO: look for packet loss.",
             ))
-        for (pid, comm), socks in sorted(self.close_wait().items(), key=lambda kv: -len(kv[1])):
-            e = Examples(count=len(socks), lines=[s.line for s in socks if s.line is not None][:MAX_LINES])
+        waiting = []
+        remotes_of: dict[str, set[str]] = defaultdict(set)
+        for (pid, comm), socks in self.close_wait().items():
+            e = Examples(count=len(socks), lines=[s.line for s in socks if s.line is not None][:MAX_LINES],
+                         pod=socks[0].pod)
+            waiting.append((pid, e, comm))
+            remotes_of[comm].update(s.remote for s in socks)
+        for comm, g in grouped(waiting):
             out.append(finding(
-                "close_wait", "warning" if len(socks) < 100 else "critical",
-                f"{comm} ({pid}): {len(socks)} socket(s) left in CLOSE_WAIT",
-                {"pid": pid, "comm": comm, "remotes": sorted({s.remote for s in socks})[:10]}, e,
+                "close_wait", "warning" if g.count < 100 else "critical",
+                f"{g.who(comm)}: {g.count} socket(s) left in CLOSE_WAIT",
+                {**g.subject(), "comm": comm, **capped("remotes", sorted(remotes_of[comm]), 10)}, g,
                 "The peer closed but the application never closed its end: a socket/fd leak in that process.",
             ))
-        for (pid, comm, direction, reason), e in sorted(self.resets.items(), key=lambda kv: -kv[1].count):
-            who = f"{comm} ({pid})" if pid else comm or "unknown process"
+        resets = grouped((pid, e, (comm, direction, reason))
+                         for (pid, comm, direction, reason), e in self.resets.items())
+        for (comm, direction, reason), g in resets:
+            owned = bool(g.pids) and next(iter(g.pids)) != 0
+            who = g.who(comm) if owned else comm or "unknown process"
+            subject = g.subject() if owned else {"pid": None, "processes": 0, "pids": [], "pids_omitted": 0}
             out.append(finding(
-                "tcp_reset", "info" if e.count < 10 else "warning",
-                f"{who}: {e.count} reset(s) {direction}" + (f", reason {reason}" if reason else ""),
-                {"pid": pid or None, "comm": comm if pid else None, "direction": direction,
-                 "reason": reason or None}, e,
+                "tcp_reset", "info" if g.count < 10 else "warning",
+                f"{who}: {g.count} reset(s) {direction}" + (f", reason {reason}" if reason else ""),
+                {**subject, "comm": comm if owned else None, "direction": direction, "reason": reason or None}, g,
                 "NO_SOCKET: a connect to a closed port; TCP_STATE/ABORT_ON_*: an application aborted a connection.",
             ))
-        for (pid, comm, remote), e in sorted(self.retransmits.items(), key=lambda kv: -kv[1].count):
-            if e.count < RETRANSMIT_HOTSPOT:
+        for (comm, remote), g in per_remote(self.retransmits):
+            if g.count < RETRANSMIT_HOTSPOT:
                 continue
             out.append(finding(
-                "retransmit_hotspot", "warning", f"{comm} ({pid}): {e.count} retransmits to {remote}",
-                {"pid": pid, "comm": comm, "remote": remote}, e,
+                "retransmit_hotspot", "warning", f"{g.who(comm)}: {g.count} retransmits to {remote}",
+                {**g.subject(), "comm": comm, "remote": remote}, g,
                 "Packets to this peer are lost or delayed: congestion, a flaky link, or drops on the path.",
             ))
         return out

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections import Counter, defaultdict
 
-from ktrace.analyze.common import endpoint
+from ktrace.analyze.common import capped, endpoint, process_name
 
 TOP = 10
 
@@ -22,18 +22,18 @@ class UdpAnalysis:
             return
         self.flows += 1
         way = "out" if event["direction"] == "egress" else "in"
-        proc = (event["pid"], event["comm"])
+        proc = (event["pid"], process_name(event))
         c = self.per_process[proc]
         c[f"packets_{way}"] += event["packets"]
         c[f"bytes_{way}"] += event["bytes"]
         c["errors"] += event["errors"]
         c["flows"] += 1
-        self.identity.setdefault(proc, {"pid": event["pid"], "comm": event["comm"], "cgroup_id": event["cgroup_id"],
+        self.identity.setdefault(proc, {"pid": event["pid"], "comm": proc[1], "cgroup_id": event["cgroup_id"],
                                         "memcg_id": event["memcg_id"], "netns": event["netns"]})
         self.totals[f"packets_{way}"] += event["packets"]
         self.totals[f"bytes_{way}"] += event["bytes"]
         self.totals["errors"] += event["errors"]
-        row = {"pid": event["pid"], "comm": event["comm"], "direction": event["direction"],
+        row = {"pid": event["pid"], "comm": proc[1], "direction": event["direction"],
                "source": endpoint(event["saddr"], event["sport"]),
                "destination": endpoint(event["daddr"], event["dport"]),
                "packets": event["packets"], "bytes": event["bytes"], "errors": event["errors"], "line": line}
@@ -49,7 +49,7 @@ class UdpAnalysis:
                          "bytes_in": c["bytes_in"], "packets_out": c["packets_out"], "packets_in": c["packets_in"],
                          "errors": c["errors"], "flows": c["flows"]})
         rows.sort(key=lambda r: (-r["bytes"], r["pid"]))
-        return rows[:TOP]
+        return rows
 
     def summary(self) -> dict:
         biggest = sorted(self.biggest, key=lambda item: -item[0])[:TOP]
@@ -58,6 +58,7 @@ class UdpAnalysis:
             "packets_out": self.totals["packets_out"], "bytes_out": self.totals["bytes_out"],
             "packets_in": self.totals["packets_in"], "bytes_in": self.totals["bytes_in"],
             "errors": self.totals["errors"],
-            "top_talkers": self.top_talkers(),
-            "top_flows": [row for _, row in biggest],
+            **capped("top_talkers", self.top_talkers(), TOP),
+            # every flow is a row, only the largest are kept: the others are counted
+            "top_flows": [row for _, row in biggest], "top_flows_omitted": self.flows - len(biggest),
         }

@@ -443,7 +443,7 @@ class NatAnalysis:
         row["events"] += 1
         pid = event.get("pid")
         if pid and len(row["processes"]) < self.MAX_USERS:
-            row["processes"].setdefault(pid, event.get("comm"))
+            row["processes"].setdefault(pid, event.get("process") or event.get("comm"))
         pod = owner_pod(event)
         if pod is not None:
             users = row["pods"].get(pod["pod_uid"])

@@ -37,7 +37,8 @@ H_ERRNO_NAMES = {-1: "NETDB_INTERNAL", 1: "HOST_NOT_FOUND", 2: "TRY_AGAIN", 3: "
 LOOKUP_FAMILIES = {0: "any", 2: "ipv4", 10: "ipv6"}
 PROTOCOLS = {6: "tcp", 17: "udp"}
 SCHEMA_VERSION = 5  # 2: UDP, DNS, process, OOM, drops, sched and blockio events; 3: cgroup_path, k8s, cgroup_mkdir;
-# 4: image in k8s; 5: sk_ino and length_prefix in DNS events, conntrack.matched and conntrack.netns
+# 4: image in k8s; 5: process (the thread group leader's comm) next to comm, sk_ino and length_prefix in DNS
+# events, conntrack.matched and conntrack.netns
 
 
 def errno_name(value: int) -> str | None:
@@ -51,9 +52,9 @@ def _comm(raw: bytes) -> str:
     return raw.split(b"\0", 1)[0].decode("utf-8", "replace")
 
 
-TASK_FIELDS = ("task.tgid", "task.pid", "task.ppid", "task.comm", "task.uid", "task.gid", "task.cgroup_id",
-               "task.memcg_id", "task.netns", "task.mntns", "task.pidns", "task.userns", "task.seccomp_mode",
-               "task.cap_effective")
+TASK_FIELDS = ("task.tgid", "task.pid", "task.ppid", "task.comm", "task.pcomm", "task.uid", "task.gid",
+               "task.cgroup_id", "task.memcg_id", "task.netns", "task.mntns", "task.pidns", "task.userns",
+               "task.seccomp_mode", "task.cap_effective")
 # Kinds with a socket tuple have these fields; they are formatted the same way for every kind.
 FLOW_FIELDS = ("family", "saddr", "sport", "daddr", "dport")
 # The fields each kind's formatter reads, in the order it unpacks them.
@@ -177,10 +178,14 @@ class Decoder:
         return text
 
     def _task(self, k: _Kind, record: bytes, attribution: int) -> tuple[dict, bytes]:
-        tgid, pid, ppid, comm, uid, gid, cgroup_id, memcg_id, netns, mntns, pidns, userns, seccomp, caps = k.task(
-            k.task_struct.unpack_from(record))
+        (tgid, pid, ppid, comm, pcomm, uid, gid, cgroup_id, memcg_id, netns, mntns, pidns, userns, seccomp,
+         caps) = k.task(k.task_struct.unpack_from(record))
+        thread = _comm(comm)
         task = {
-            "pid": tgid, "tid": pid, "ppid": ppid, "comm": _comm(comm), "uid": uid, "gid": gid,
+            # comm: the thread's name; process: its process's (the thread group leader's), which rows keyed by
+            # process use. A task block the kernel filled only in part has no leader's name: the thread's stands in.
+            "pid": tgid, "tid": pid, "ppid": ppid, "comm": thread, "process": _comm(pcomm) or thread,
+            "uid": uid, "gid": gid,
             "attribution": generated.ATTRIBUTION.get(attribution, str(attribution)),
             "cgroup_id": cgroup_id, "memcg_id": memcg_id, "netns": netns, "mntns": mntns, "pidns": pidns,
             "userns": userns, "seccomp": seccomp, "cap_eff": f"{caps:#x}",

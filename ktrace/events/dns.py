@@ -33,9 +33,9 @@ TCP_CONTINUATION_NS = 1_000_000_000  # a TCP read this soon after a reply is the
 TCP_LENGTH_PREFIX = 2  # bytes of the length that frames every DNS message over TCP (RFC 1035 4.2.2)
 
 # The fields of a query that its timeout event repeats: who asked whom.
-_TIMEOUT_FIELDS = ("pid", "tid", "ppid", "comm", "uid", "gid", "attribution", "cgroup_id", "memcg_id", "netns",
-                   "mntns", "pidns", "userns", "seccomp", "cap_eff", "cgroup_path", "k8s", "family", "saddr", "sport",
-                   "daddr", "dport", "sk", "sk_ino", "netns_sk", "protocol", "role")
+_TIMEOUT_FIELDS = ("pid", "tid", "ppid", "comm", "process", "uid", "gid", "attribution", "cgroup_id", "memcg_id",
+                   "netns", "mntns", "pidns", "userns", "seccomp", "cap_eff", "cgroup_path", "k8s", "family", "saddr",
+                   "sport", "daddr", "dport", "sk", "sk_ino", "netns_sk", "protocol", "role")
 
 
 @dataclass

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import copy
 
+import pytest
+
 from ktrace.analyze import drops as analysis
 from ktrace.analyze.drops import DropAnalysis
 from ktrace.events import generated
@@ -55,19 +57,23 @@ def test_the_loss_table_counts_a_drop_count_line_as_its_drops():
     assert losses["written"] == _replay(EVENTS).summary()["total"]
 
 
-def test_reasons_are_ranked_by_drops_and_the_top_ones_become_findings():
+def test_reasons_are_ranked_by_drops_and_every_reason_is_a_finding_loss_first():
     s = _replay(EVENTS).summary()
     assert s["top_reasons"][0] == "SOCKET_RCVBUFF"
     assert [r["count"] for r in s["by_reason"]] == sorted((r["count"] for r in s["by_reason"]), reverse=True)
     findings = _replay(EVENTS).findings()
-    assert [f["subject"]["reason"] for f in findings] == s["top_reasons"]
+    assert sorted(f["subject"]["reason"] for f in findings) == sorted(r["reason"] for r in s["by_reason"])
+    routine = [f["subject"]["routine"] for f in findings]
+    assert routine == sorted(routine)  # the reasons that mean loss first
     assert all(f["rule"] == "packet_drops" for f in findings)
 
 
 def test_single_drops_give_a_finding_its_example_lines_and_times():
     finding = next(f for f in _replay(EVENTS).findings() if f["subject"]["reason"] == "NO_SOCKET")
     lines = finding["evidence"]["lines"]
-    assert lines and all(EVENTS[n - 1]["type"] == "drop" and EVENTS[n - 1]["reason"] == "NO_SOCKET" for n in lines)
+    assert lines and all(EVENTS[n - 1]["reason"] == "NO_SOCKET" for n in lines)
+    kinds = [EVENTS[n - 1]["type"] for n in lines]
+    assert kinds[0] == "drop" and kinds == sorted(kinds)  # the single drops first, then any drop_count line
     assert finding["evidence"]["first"] <= finding["evidence"]["last"]
     assert finding["subject"]["protocols"] == ["ipv4/tcp"]
     assert "nothing listens" in finding["hint"].lower()
@@ -75,7 +81,8 @@ def test_single_drops_give_a_finding_its_example_lines_and_times():
 
 def test_a_reason_only_counted_in_the_kernel_has_no_example_lines():
     finding = next(f for f in _replay(EVENTS).findings() if f["subject"]["reason"] == "SOCKET_RCVBUFF")
-    assert finding["evidence"] == {"count": 49, "lines": []}
+    counted = [n for n, e in enumerate(EVENTS, 1) if e["type"] == "drop_count" and e["reason"] == "SOCKET_RCVBUFF"]
+    assert finding["evidence"] == {"count": 49, "lines": counted}  # the kernel's count lines are the evidence
     assert "SO_RCVBUF" in finding["hint"]
 
 
@@ -91,11 +98,39 @@ def test_routine_reasons_stay_info_however_many():
     assert [f["severity"] for f in a.findings()] == ["info"]
 
 
-def test_only_the_top_reasons_become_findings_and_unknown_ones_get_the_general_hint():
+def test_every_reason_becomes_a_finding_and_unknown_ones_get_the_general_hint():
     a = _replay([_counted(f"REASON_{i}", 100 + i) for i in range(8)])
     findings = a.findings()
-    assert [f["subject"]["reason"] for f in findings] == [f"REASON_{i}" for i in range(7, 2, -1)]
+    assert [f["subject"]["reason"] for f in findings] == [f"REASON_{i}" for i in range(7, -1, -1)]
     assert {f["hint"] for f in findings} == {analysis.DEFAULT_HINT}
+    s = a.summary()
+    assert len(s["top_reasons"]) == analysis.TOP_REASONS and s["top_reasons_omitted"] == 8 - analysis.TOP_REASONS
+
+
+@pytest.mark.parametrize("reason", ["QUEUE_PURGE", "TCP_OLD_DATA", "SOCKET_CLOSE", "NOT_SPECIFIED", "TCP_CLOSE",
+                                    "DUP_FRAG", "TCP_OLD_SEQUENCE"])
+def test_routine_reasons_of_a_healthy_server_are_info_and_still_counted(reason):
+    a = _replay([_counted(reason, 2000, "ipv4/tcp"), _counted("NO_SOCKET", analysis.WARNING_AT, "ipv4/udp")])
+    severity = {f["subject"]["reason"]: (f["severity"], f["subject"]["routine"]) for f in a.findings()}
+    assert severity == {reason: ("info", True), "NO_SOCKET": ("warning", False)}
+    s = a.summary()
+    assert s["total"] == 2000 + analysis.WARNING_AT and s["routine"] == 2000
+    assert {r["reason"]: r["routine"] for r in s["by_reason"]} == {reason: True, "NO_SOCKET": False}
+
+
+@pytest.mark.parametrize("reason", ["NO_SOCKET", "SOCKET_RCVBUFF", "TCP_OFO_QUEUE_PRUNE", "TCP_OFO_DROP",
+                                    "NETFILTER_DROP", "TCP_LISTEN_OVERFLOW", "TCP_ZEROWINDOW"])
+def test_reasons_that_mean_loss_warn(reason):
+    assert reason not in analysis.ROUTINE
+    [f] = _replay([_counted(reason, analysis.WARNING_AT)]).findings()
+    assert f["severity"] == "warning" and f["subject"]["routine"] is False
+
+
+def test_the_capped_drop_lists_say_how_many_they_left_out():
+    events = [_counted(f"REASON_{i}", 100 + i, f"ipv4/p{j}") for i in range(4) for j in range(4)]
+    s = _replay(events).summary()
+    assert len(s["top"]) == analysis.TOP and s["top_omitted"] == 16 - analysis.TOP
+    assert s["top_reasons_omitted"] == 0 and s["flows_omitted"] == 0
 
 
 def test_no_drops_no_findings():

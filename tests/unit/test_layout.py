@@ -76,7 +76,7 @@ def test_every_generated_event_starts_with_the_common_header(layout):
 
 
 @pytest.mark.parametrize("layout", generated.LAYOUTS.values(), ids=lambda layout: layout.name)
-def test_every_generated_event_has_the_task_block_at_16_to_96(layout):
+def test_every_generated_event_has_the_task_block_at_16_to_112(layout):
     task = [f for f in layout.fields if f.name.startswith("task.")]
     assert min(f.offset for f in task) == 16
-    assert max(f.offset + struct.calcsize("<" + f.code) for f in task) == 96
+    assert max(f.offset + struct.calcsize("<" + f.code) for f in task) == 112

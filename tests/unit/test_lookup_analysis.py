@@ -23,7 +23,7 @@ def lookup(name: str = "web.test", result: str = "ok", ms: float = 1.0, pid: int
            **fields) -> dict:
     ret = {"ok": 0, "EAI_NONAME": -2, "EAI_AGAIN": -3}.get(result, -1)
     return {**GAI_OK, "name": name, "result": result, "ret": ret, "latency_ms": ms, "pid": pid, "tid": pid,
-            "comm": comm, **fields}
+            "comm": comm, "process": comm, **fields}
 
 
 def feed(events: list[dict]) -> LookupAnalysis:
@@ -75,16 +75,23 @@ def test_a_name_failing_three_times_for_one_process_is_a_finding_naming_both():
     (finding,) = a.findings()
     assert finding["rule"] == "dns_lookup_failed" and finding["severity"] == "warning"
     assert finding["subject"] == {"pid": 100, "comm": "kt-gai", "name": "api.test", "function": "getaddrinfo",
-                                  "results": {"EAI_AGAIN": 3}}
+                                  "results": {"EAI_AGAIN": 3}, "processes": 1, "pids": [{"pid": 100, "count": 3}],
+                                  "pids_omitted": 0}
     assert finding["evidence"]["count"] == 3 and finding["evidence"]["lines"] == [1, 2, 3]
     assert finding["evidence"]["first"] == finding["evidence"]["last"] == GAI_OK["time"]
     assert "api.test" in finding["title"] and "kt-gai (100)" in finding["title"]
     assert "answer" in finding["hint"]
 
 
-def test_two_failures_or_failures_spread_over_processes_are_no_finding():
+def test_two_failures_are_no_finding():
     assert feed([lookup("api.test", "EAI_AGAIN")] * 2).findings() == []
-    assert feed([lookup("api.test", "EAI_AGAIN", pid=pid) for pid in (1, 2, 3)]).findings() == []
+
+
+def test_failures_spread_over_processes_of_one_command_are_one_finding_for_them_all():
+    (finding,) = feed([lookup("api.test", "EAI_AGAIN", pid=pid) for pid in (1, 2, 3)]).findings()
+    assert finding["evidence"]["count"] == 3 and finding["subject"]["processes"] == 3
+    assert [p["pid"] for p in finding["subject"]["pids"]] == [1, 2, 3]
+    assert feed([lookup("api.test", "EAI_AGAIN", pid=pid, comm=f"c{pid}") for pid in (1, 2, 3)]).findings() == []
 
 
 def test_a_name_that_does_not_exist_gets_the_nxdomain_hint():
@@ -109,7 +116,8 @@ def test_a_slow_lookup_that_succeeds_is_a_finding_of_its_own():
     a = feed([lookup("slow.test", ms=1500.0), lookup("slow.test", ms=5.0), lookup("fast.test", ms=2.0)])
     (finding,) = a.findings()
     assert finding["rule"] == "dns_lookup_slow" and finding["evidence"]["count"] == 1
-    assert finding["subject"] == {"pid": 100, "comm": "kt-gai", "name": "slow.test", "function": "getaddrinfo"}
+    assert finding["subject"] == {"pid": 100, "comm": "kt-gai", "name": "slow.test", "function": "getaddrinfo",
+                                  "processes": 1, "pids": [{"pid": 100, "count": 1}], "pids_omitted": 0}
     assert finding["evidence"]["lines"] == [1]
 
 

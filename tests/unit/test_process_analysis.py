@@ -151,7 +151,8 @@ def test_an_oom_kill_is_a_critical_finding_naming_the_victim_and_its_cgroup():
     assert finding["rule"] == "oom_kill" and finding["severity"] == "critical"
     assert finding["subject"] == {"pid": OOM["pid"], "comm": "kt-hog", "memcg_path": "/kt-oom-1",
                                   "memcg_id": OOM["memcg_id"], "cgroup_path": "/", "trigger_pid": OOM["pid"],
-                                  "trigger_comm": "kt-hog"}
+                                  "trigger_comm": "kt-hog", "processes": 1,
+                                  "pids": [{"pid": OOM["pid"], "count": 1}], "pids_omitted": 0}
     assert "kt-hog" in finding["title"] and "/kt-oom-1" in finding["title"]
     assert "while" not in finding["title"]  # the victim was the one allocating
     assert finding["evidence"]["lines"] == [12]

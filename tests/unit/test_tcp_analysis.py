@@ -77,7 +77,8 @@ def test_refused_connects_are_counted_once_per_socket():
 def test_refused_connects_are_one_finding_per_process_and_remote():
     findings = [f for f in _replay(EVENTS).tcp.findings() if f["rule"] == "connect_refused"]
     assert len(findings) == 1
-    assert findings[0]["subject"] == {"pid": CLIENT_PID, "comm": "kt-client", "remote": "127.0.0.1:1"}
+    assert findings[0]["subject"] == {"pid": CLIENT_PID, "comm": "kt-client", "remote": "127.0.0.1:1",
+                                      "processes": 1, "pids": [{"pid": CLIENT_PID, "count": 3}], "pids_omitted": 0}
     assert findings[0]["evidence"]["count"] == 3
 
 
@@ -96,7 +97,8 @@ def test_close_wait_finding_names_the_server_and_the_peers_that_closed():
                    if e["type"] == "tcp_state" and e["dport"] == LEAK_PORT and e["new_state"] == "ESTABLISHED"
                    and e["pid"] == CLIENT_PID)
     assert finding["severity"] == "warning"
-    assert finding["subject"] == {"pid": SERVER_PID, "comm": "kt-server", "remotes": peers}
+    assert finding["subject"] == {"pid": SERVER_PID, "comm": "kt-server", "remotes": peers, "remotes_omitted": 0,
+                                  "processes": 1, "pids": [{"pid": SERVER_PID, "count": 3}], "pids_omitted": 0}
     assert finding["evidence"]["count"] == 3
 
 
@@ -193,13 +195,14 @@ def test_findings_are_sorted_most_severe_first():
     assert severities == sorted(severities, key=["critical", "warning", "info"].index)
 
 
-def test_events_lost_in_transit_lead_the_findings():
+def test_events_lost_in_transit_are_a_warning_ranked_by_how_many_pointing_at_the_loss_table():
     losses = copy.deepcopy(fixture_summary()["losses"]["by_family"])
-    losses["tcp_state"]["seen"] += 2
-    losses["tcp_state"]["ringbuf_full"] += 2
+    losses["tcp_state"]["seen"] += 200
+    losses["tcp_state"]["ringbuf_full"] += 200
     doc = _build(_replay(EVENTS), losses)
-    assert doc["findings"][0]["rule"] == "events_lost"
-    assert doc["findings"][0]["evidence"]["count"] == 2
+    lost = doc["findings"][0]  # more events than any other warning rests on
+    assert (lost["rule"], lost["severity"]) == ("events_lost", "warning")
+    assert lost["evidence"] == {"count": 200, "lines": [], "summary": "/losses/total"}
     assert doc["losses"]["balanced"] is True
 
 

@@ -302,6 +302,7 @@ def run(opts: SnapshotOptions) -> SnapshotResult:
             counters = cap.counters()
             process_counts = cap.process_counts()
             recorder.records(cap.drain())
+            recorder.records(cap.held_states())
             if reader is not None:
                 reader.stop()  # joins the thread and reads once more: the window's last connections
                 recorder.write_conntrack_ready(window_end=True)

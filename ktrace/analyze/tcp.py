@@ -1,5 +1,11 @@
 """TCP view of a window: connections, failures, sockets left in CLOSE_WAIT, hot spots.
 
+A connect that fails without an answer ends SYN_SENT -> CLOSE in one of two ways: the
+kernel gives up after its SYN retries (sk_err ETIMEDOUT, about 127 s with the default
+tcp_syn_retries) or, far more often, the application does (its own connect timeout
+closes the socket: no error, after one or more SYN retransmits). Both are counted in
+the syn_timeout family, per remote endpoint: timed_out and abandoned.
+
 Fed with event dicts as they appear in events.jsonl (live during a snapshot, or
 read back from a saved bundle), so the same rules run online and offline.
 """
@@ -40,24 +46,45 @@ class TcpAnalysis:
         self.per_process: dict[tuple[int, str], Counter] = defaultdict(Counter)
         self.refused: dict[tuple[int, str, str], Examples] = defaultdict(Examples)
         self.timeouts: dict[tuple[int, str, str], Examples] = defaultdict(Examples)
+        self.abandoned: dict[tuple[int, str, str], Examples] = defaultdict(Examples)
         self.slow: dict[tuple[int, str, str], Examples] = defaultdict(Examples)
-        self.resets: dict[tuple[int, str, str, str], Examples] = defaultdict(Examples)
+        self.resets: dict[tuple[int, str, str, str, int], Examples] = defaultdict(Examples)
         self.retransmits: dict[tuple[int, str, str], Examples] = defaultdict(Examples)
+        self.retransmit_segments: Counter[tuple[int, str, str]] = Counter()
+        # every retransmit event: skbs (kind data), the segments the kernel counted in TcpRetransSegs,
+        # SYN-ACKs (kind synack), and data retransmits that failed to go out (err != 0)
+        self.retransmitted = {"skbs": 0, "segments": 0, "synacks": 0, "failed": 0}
 
     def add(self, event: dict, line: int | None) -> None:
         kind = event["type"]
         if kind == "tcp_state":
             self._state(event, line)
         elif kind == "retransmit":
-            key = (event["pid"], event["comm"], endpoint(event["daddr"], event["dport"]))
-            self.retransmits[key].add(event, line)
-            self.per_process[_proc(event)]["retransmits"] += 1
+            self._retransmit(event, line)
         elif kind == "reset":
-            # a reset with no socket (a closed port) or an unknown owner belongs to no process
+            # a reset with no socket (a closed port) or an unknown owner belongs to no process; it belongs to the
+            # namespace of its socket or packet (netns_pkt), not to that of whoever was on the CPU
             known = event["attribution"] != "cpu"
             owner = (event["pid"], event["comm"]) if known else (0, "no socket" if event["sk"] == "0x0" else "")
-            key = (*owner, event["direction"], event["reason"] or "")
+            key = (*owner, event["direction"], event["reason"] or "", event.get("netns_pkt", event["netns"]))
             self.resets[key].add(event, line)
+
+    def _retransmit(self, event: dict, line: int | None) -> None:
+        key = (event["pid"], event["comm"], endpoint(event["daddr"], event["dport"]))
+        self.retransmits[key].add(event, line)
+        self.per_process[_proc(event)]["retransmits"] += 1
+        # bundles before events_schema 5 have neither: one segment per event
+        segments = event.get("segments", 1)
+        if event.get("kind", "data") == "synack":
+            self.retransmitted["synacks"] += 1
+            self.retransmitted["segments"] += 1
+        else:
+            self.retransmitted["skbs"] += 1
+            if event["err"] == 0:  # the kernel counts TcpRetransSegs only for what went out
+                self.retransmitted["segments"] += segments
+            else:
+                self.retransmitted["failed"] += 1
+        self.retransmit_segments[key] += segments
 
     def _state(self, event: dict, line: int | None) -> None:
         sk, old, new = event["sk"], event["old_state"], event["new_state"]
@@ -87,6 +114,10 @@ class TcpAnalysis:
                 elif error == "ETIMEDOUT":
                     self.timeouts[key].add(event, line)
                     self.per_process[proc]["timeouts"] += 1
+                elif error is None and event.get("syn_retransmits", 0) > 0:
+                    # closed by the application while its SYNs went unanswered: its own connect timeout
+                    self.abandoned[key].add(event, line)
+                    self.per_process[proc]["abandoned"] += 1
         if new == "CLOSE":
             self.sockets.pop(sk, None)
             return
@@ -97,6 +128,18 @@ class TcpAnalysis:
             self.sockets_overflow += 1
 
     # --- results ---
+
+    def _unanswered(self) -> list[tuple[tuple[int, str, str], Examples]]:
+        """Connects that got no answer per (pid, comm, remote): timed out and abandoned together, most first."""
+        merged: dict[tuple[int, str, str], Examples] = {}
+        for table in (self.timeouts, self.abandoned):
+            for key, e in table.items():
+                m = merged.setdefault(key, Examples())
+                m.count += e.count
+                m.lines = sorted(m.lines + e.lines)[:MAX_LINES]
+                m.first = min(filter(None, (m.first, e.first)), default="")
+                m.last = max(m.last, e.last)
+        return sorted(merged.items(), key=lambda kv: -kv[1].count)
 
     def close_wait(self) -> dict[tuple[int, str], list[_Socket]]:
         out: dict[tuple[int, str], list[_Socket]] = defaultdict(list)
@@ -116,6 +159,7 @@ class TcpAnalysis:
                 "accepted": sum(c["accepts"] for c in self.per_process.values()),
                 "refused": sum(e.count for e in self.refused.values()),
                 "timed_out": sum(e.count for e in self.timeouts.values()),
+                "abandoned": sum(e.count for e in self.abandoned.values()),
             },
             "handshake_ms": {
                 "count": len(hs),
@@ -130,12 +174,14 @@ class TcpAnalysis:
             ],
             "resets": [
                 {"pid": k[0] or None, "comm": (k[1] or None) if k[0] else None, "direction": k[2],
-                 "reason": k[3] or None,
+                 "reason": k[3] or None, "netns": k[4],
                  "count": e.count}
                 for k, e in sorted(self.resets.items(), key=lambda kv: -kv[1].count)
             ],
+            "retransmitted": dict(self.retransmitted),
             "retransmits": [
-                {"pid": k[0], "comm": k[1], "remote": k[2], "count": e.count}
+                {"pid": k[0], "comm": k[1], "remote": k[2], "count": e.count,
+                 "segments": self.retransmit_segments[k]}
                 for k, e in sorted(self.retransmits.items(), key=lambda kv: -kv[1].count)[:20]
             ],
             "sockets_not_tracked": self.sockets_overflow,
@@ -160,11 +206,18 @@ class TcpAnalysis:
                 {"pid": pid, "comm": comm, "remote": remote}, e,
                 "Nothing listens on that port (RST): check the Service/endpoint and that the server is up.",
             ))
-        for (pid, comm, remote), e in sorted(self.timeouts.items(), key=lambda kv: -kv[1].count):
+        for (pid, comm, remote), e in self._unanswered():
+            timed_out = self.timeouts[(pid, comm, remote)].count if (pid, comm, remote) in self.timeouts else 0
+            abandoned = e.count - timed_out
+            how = [f"{timed_out} timed out"] if timed_out else []
+            how += [f"{abandoned} given up by the application after SYN retransmits"] if abandoned else []
             out.append(finding(
-                "syn_timeout", "critical", f"{comm} ({pid}): {e.count} connect(s) to {remote} timed out",
-                {"pid": pid, "comm": comm, "remote": remote}, e,
-                "SYNs got no answer: a firewall/NetworkPolicy drop, a blackholed route or a dead peer.",
+                "syn_timeout", "critical",
+                f"{comm} ({pid}): {e.count} connect(s) to {remote} got no answer ({', '.join(how)})",
+                {"pid": pid, "comm": comm, "remote": remote, "timed_out": timed_out, "abandoned": abandoned}, e,
+                "SYNs got no answer: a firewall/NetworkPolicy drop, a blackholed route or a dead peer. "
+                "abandoned: the application's own connect timeout closed the socket before the kernel's "
+                "(about 127 s) did.",
             ))
         for (pid, comm, remote), e in sorted(self.slow.items(), key=lambda kv: -kv[1].count):
             out.append(finding(
@@ -181,13 +234,14 @@ class TcpAnalysis:
                 {"pid": pid, "comm": comm, "remotes": sorted({s.remote for s in socks})[:10]}, e,
                 "The peer closed but the application never closed its end: a socket/fd leak in that process.",
             ))
-        for (pid, comm, direction, reason), e in sorted(self.resets.items(), key=lambda kv: -kv[1].count):
+        for (pid, comm, direction, reason, netns), e in sorted(self.resets.items(), key=lambda kv: -kv[1].count):
             who = f"{comm} ({pid})" if pid else comm or "unknown process"
             out.append(finding(
                 "tcp_reset", "info" if e.count < 10 else "warning",
-                f"{who}: {e.count} reset(s) {direction}" + (f", reason {reason}" if reason else ""),
+                f"{who}: {e.count} reset(s) {direction}" + (f", reason {reason}" if reason else "")
+                + f" in netns {netns}",
                 {"pid": pid or None, "comm": comm if pid else None, "direction": direction,
-                 "reason": reason or None}, e,
+                 "reason": reason or None, "netns": netns}, e,
                 "NO_SOCKET: a connect to a closed port; TCP_STATE/ABORT_ON_*: an application aborted a connection.",
             ))
         for (pid, comm, remote), e in sorted(self.retransmits.items(), key=lambda kv: -kv[1].count):

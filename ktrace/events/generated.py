@@ -49,6 +49,15 @@ RESET_DIRECTION = {
     2: 'received',
 }
 
+RETRANSMIT_KIND = {
+    1: 'data',
+    2: 'synack',
+}
+
+HELD_SIZES = {
+    2: 'held_states',
+}
+
 DIRECTION = {
     1: 'egress',
     2: 'ingress',
@@ -539,6 +548,7 @@ TCP_STATE_EVENT = Layout(
         Field('newstate', 151, 'B', '__u8'),
         Field('attribution', 152, 'B', '__u8'),
         Field('sk_err', 153, 'B', '__u8'),
+        Field('syn_retransmits', 154, 'B', '__u8'),
     ),
 )
 
@@ -579,7 +589,7 @@ CONNECT_EVENT = Layout(
 
 RETRANSMIT_EVENT = Layout(
     'kt_retransmit_event',
-    160,
+    168,
     (
         Field('hdr.ts_ns', 0, 'Q', '__u64'),
         Field('hdr.kind', 8, 'H', '__u16'),
@@ -604,13 +614,15 @@ RETRANSMIT_EVENT = Layout(
         Field('snd_cwnd', 108, 'I', '__u32'),
         Field('srtt_us', 112, 'I', '__u32'),
         Field('err', 116, 'i', '__s32'),
-        Field('saddr', 120, '16s', '__u8[16]'),
-        Field('daddr', 136, '16s', '__u8[16]'),
-        Field('sport', 152, 'H', '__u16'),
-        Field('dport', 154, 'H', '__u16'),
-        Field('family', 156, 'H', '__u16'),
-        Field('state', 158, 'B', '__u8'),
-        Field('attribution', 159, 'B', '__u8'),
+        Field('segments', 120, 'I', '__u32'),
+        Field('saddr', 124, '16s', '__u8[16]'),
+        Field('daddr', 140, '16s', '__u8[16]'),
+        Field('sport', 156, 'H', '__u16'),
+        Field('dport', 158, 'H', '__u16'),
+        Field('family', 160, 'H', '__u16'),
+        Field('state', 162, 'B', '__u8'),
+        Field('attribution', 163, 'B', '__u8'),
+        Field('kind', 164, 'B', '__u8'),
     ),
 )
 
@@ -638,6 +650,7 @@ RESET_EVENT = Layout(
         Field('task.comm', 80, '16s', '__u8[16]'),
         Field('skaddr', 96, 'Q', '__u64'),
         Field('reason', 104, 'I', '__u32'),
+        Field('netns', 108, 'I', '__u32'),
         Field('saddr', 112, '16s', '__u8[16]'),
         Field('daddr', 128, '16s', '__u8[16]'),
         Field('sport', 144, 'H', '__u16'),

@@ -1,0 +1,122 @@
+"""A pre-fork web server (nginx: a root master that listens, unprivileged workers that accept and close) under a
+load generator (ab): the server side names the worker that served each connection, as nginx's own log does."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import record_during
+from tests.tcpnet import SERVER_ADDR, TwoHosts
+
+PORT = 8088
+REQUESTS, CONCURRENCY = 300, 4
+WORKER_USER = "nobody"
+NGINX_CONF = """\
+user {user};
+worker_processes 2;
+master_process on;
+daemon off;
+pid {dir}/nginx.pid;
+error_log {dir}/error.log notice;
+events {{ worker_connections 256; accept_mutex off; }}
+http {{
+    log_format served '$pid $remote_port $status';
+    access_log {dir}/access.log served;
+    client_body_temp_path {dir}/body;
+    proxy_temp_path {dir}/proxy;
+    fastcgi_temp_path {dir}/fastcgi;
+    uwsgi_temp_path {dir}/uwsgi;
+    scgi_temp_path {dir}/scgi;
+    keepalive_timeout 0;
+    server {{
+        listen {addr}:{port};
+        location / {{ return 200 "ok\\n"; }}
+    }}
+}}
+"""
+
+
+def _children(pid: int) -> set[int]:
+    out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout
+    return {int(p) for p in out.split()}
+
+
+def _uid(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("Uid:"):
+            return int(line.split()[1])
+    raise AssertionError(f"no Uid line for {pid}")
+
+
+@pytest.fixture
+def nginx(tmp_path):
+    if shutil.which("nginx") is None or shutil.which("ab") is None:
+        pytest.fail("nginx and ab are needed (make setup installs nginx-light and apache2-utils)")
+    conf_dir = tmp_path / "nginx"
+    conf_dir.mkdir()
+    conf_dir.chmod(0o755)  # workers run as nobody and write nothing here, but must traverse it
+    tmp_path.chmod(0o755)
+    conf = conf_dir / "nginx.conf"
+    conf.write_text(NGINX_CONF.format(user=WORKER_USER, dir=conf_dir, addr=SERVER_ADDR, port=PORT))
+    with TwoHosts("prefork") as net:
+        master = net.popen(net.server, "nginx", "-c", str(conf), "-p", str(conf_dir))
+        workers: set[int] = set()
+        for _ in range(200):  # bounded: nginx starts its workers within milliseconds
+            workers = _children(master.pid)
+            if len(workers) == 2 and (conf_dir / "nginx.pid").exists():
+                break
+            assert master.poll() is None, (conf_dir / "error.log").read_text()
+            time.sleep(0.05)
+        assert len(workers) == 2, f"nginx workers: {workers}"
+        yield net, master, workers, conf_dir
+        master.terminate()
+        master.wait(timeout=30)
+
+
+def test_a_prefork_servers_connections_are_owned_by_the_worker_that_served_them(tmp_path, nginx):
+    net, master, workers, conf_dir = nginx
+    worker_uid = _uid(next(iter(workers)))
+    assert worker_uid != 0 and _uid(master.pid) == 0
+
+    def load() -> None:
+        out = net.run(net.client, "ab", "-n", str(REQUESTS), "-c", str(CONCURRENCY), f"http://{SERVER_ADDR}:{PORT}/")
+        assert f"Complete requests:      {REQUESTS}" in out.stdout and "Failed requests:        0" in out.stdout
+
+    bundle = record_during(tmp_path, load, f"--ports={PORT}")
+
+    # nginx's own log: which worker served the connection from each client port
+    served = {}
+    for line in (conf_dir / "access.log").read_text().splitlines():
+        pid, port, status = line.split()
+        assert status == "200"
+        served[int(port)] = int(pid)
+    assert len(served) == REQUESTS and set(served.values()) <= workers
+
+    server_side = [e for e in bundle.events if e["type"] in ("tcp_state", "retransmit")
+                   and e["saddr"] == SERVER_ADDR and e["sport"] == PORT and e["dport"] != 0]
+    accepted = [e for e in server_side if e["type"] == "tcp_state" and e["old_state"] == "LISTEN"]
+    assert len(accepted) == REQUESTS
+    by_worker = [e for e in server_side if e["pid"] in workers and e["uid"] == worker_uid]
+    assert len(by_worker) >= 0.9 * len(server_side), Counter((e["pid"], e["attribution"]) for e in server_side)
+    # every event of a connection names the worker nginx logged for it
+    wrong = [e for e in server_side if e["dport"] in served and e["pid"] != served[e["dport"]]]
+    assert len(wrong) <= 0.1 * len(server_side), wrong[:5]
+    # the worker's own close() is its own change, and the master never closes an accepted connection
+    closes = [e for e in server_side if e["type"] == "tcp_state"
+              and (e["old_state"], e["new_state"]) in (("ESTABLISHED", "FIN_WAIT1"), ("CLOSE_WAIT", "LAST_ACK"))]
+    assert len(closes) == REQUESTS
+    assert all(e["attribution"] == "current" and e["pid"] == served[e["dport"]] for e in closes)
+    assert not [e for e in server_side if e["pid"] == master.pid and e["new_state"] in ("FIN_WAIT1", "LAST_ACK",
+                                                                                         "CLOSE")]
+    # the summary's process rows: the workers accepted the connections, not the master
+    inbound = {row["pid"]: row["inbound"] for row in bundle.summary["top_talkers"]}
+    assert master.pid not in inbound
+    assert sum(inbound.get(pid, 0) for pid in workers) == REQUESTS
+    assert os.path.exists(f"/proc/{master.pid}")

@@ -1,0 +1,164 @@
+"""TCP between two network namespaces with packets lost on the way, checked against each namespace's own counters
+(nstat): retransmitted segments under random loss, SYN-ACK retransmits, resets from a closed port, and connects the
+application gave up on."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+import time
+
+import pytest
+
+from tests.helpers import TRAFFIC, record_during, wait_for
+from tests.tcpnet import CLIENT_ADDR, SERVER_ADDR, TwoHosts
+
+IPERF_PORT = 5201
+LISTEN_PORT_FILE = "server.port"
+
+
+def _drop_rules(match: str) -> str:
+    """Drop what match selects as it arrives in a namespace, before anything else sees it."""
+    return f"""table inet kt_loss {{
+  chain in {{
+    type filter hook prerouting priority -300;
+    {match} drop
+  }}
+}}
+"""
+
+
+def _server(net: TwoHosts, tmp_path) -> int:
+    """traffic.py's server, listening on SERVER_ADDR in the server namespace: its port."""
+    port_file = tmp_path / LISTEN_PORT_FILE
+    proc = net.popen(net.server, sys.executable, TRAFFIC, "server", str(port_file), SERVER_ADDR)
+    wait_for(port_file, proc)
+    return int(port_file.read_text())
+
+
+def test_retransmitted_segments_under_random_loss_match_the_kernels_tcp_retrans_segs(tmp_path):
+    if shutil.which("iperf3") is None:
+        pytest.fail("iperf3 is needed (make setup installs it)")
+    with TwoHosts("loss") as net:
+        # 5% of what the server sends is lost on the way to the client
+        net.nft(net.client, _drop_rules(f"ip saddr {SERVER_ADDR} numgen random mod 100 < 5"))
+        server = net.popen(net.server, "iperf3", "-s", "-1", "-B", SERVER_ADDR, "-p", str(IPERF_PORT))
+        time.sleep(0.3)  # iperf3 has no ready signal; a client that comes too early fails the run below
+        before = {ns: net.nstat(ns) for ns in (net.server, net.client)}
+
+        def transfer() -> None:
+            # -R: the server sends; bounded by bytes
+            net.run(net.client, "iperf3", "-c", SERVER_ADDR, "-p", str(IPERF_PORT), "-R", "-n", "16M",
+                    "--connect-timeout", "5000")
+            server.wait(timeout=60)
+
+        bundle = record_during(tmp_path, transfer, f"--ports={IPERF_PORT}")
+        after = {ns: net.nstat(ns) for ns in (net.server, net.client)}
+
+    kernel = {ns: after[ns]["TcpRetransSegs"] - before[ns]["TcpRetransSegs"] for ns in before}
+    assert kernel[net.server] >= 50, kernel  # the loss really made the server retransmit
+    server_side = [e for e in bundle.of_type("retransmit") if e["saddr"] == SERVER_ADDR]
+    assert server_side and all(e["kind"] == "data" for e in server_side)
+    segments = sum(e["segments"] for e in server_side if e["err"] == 0)
+    assert abs(segments - kernel[net.server]) <= 0.1 * kernel[net.server], (segments, kernel)
+    # the skbs are fewer than the segments when the kernel retransmits GSO skbs
+    assert len(server_side) <= segments
+    total = bundle.summary["tcp"]["retransmitted"]
+    both = kernel[net.server] + kernel[net.client]
+    assert abs(total["segments"] - both) <= 0.1 * both, (total, kernel)
+    assert total["skbs"] == len(bundle.of_type("retransmit")) - total["synacks"]
+
+
+def test_syn_acks_lost_on_the_way_are_retransmits_of_kind_synack_as_the_kernel_counts_them(tmp_path):
+    with TwoHosts("synack") as net:
+        port = _server(net, tmp_path)
+        net.nft(net.client, _drop_rules(f"ip saddr {SERVER_ADDR} tcp sport {port} tcp flags & (syn | ack) == "
+                                        "syn | ack"))
+        before = net.nstat(net.server)
+        result: dict = {}
+
+        def connects() -> None:
+            # the SYN-ACKs never arrive: the client gives up after 3.5 s; meanwhile the server resends its SYN-ACK
+            out = net.run(net.client, sys.executable, TRAFFIC, "give-up", SERVER_ADDR, str(port), "2", "3.5").stdout
+            result.update(json.loads(out.strip().splitlines()[-1]))
+
+        bundle = record_during(tmp_path, connects, f"--ports={port}")
+        after = net.nstat(net.server)
+
+    assert result["timeouts"] == 2
+    syn_retrans = after["TcpExtTCPSynRetrans"] - before["TcpExtTCPSynRetrans"]
+    retrans_segs = after["TcpRetransSegs"] - before["TcpRetransSegs"]
+    assert syn_retrans >= 2 and syn_retrans == retrans_segs  # the server retransmitted SYN-ACKs and nothing else
+    synacks = [e for e in bundle.of_type("retransmit") if e["kind"] == "synack"]
+    assert len(synacks) == syn_retrans
+    assert all(e["saddr"] == SERVER_ADDR and e["sport"] == port and e["daddr"] == CLIENT_ADDR
+               and e["dport"] in result["ports"] and e["segments"] == 1 and e["state"] == "NEW_SYN_RECV"
+               for e in synacks)
+    assert all(e["comm"] == "kt-server" for e in synacks)
+    assert bundle.summary["tcp"]["retransmitted"]["synacks"] == syn_retrans
+
+
+def test_a_reset_from_a_closed_port_is_filed_under_the_namespace_that_sent_it(tmp_path):
+    attempts = 5
+    with TwoHosts("rst") as net:
+        closed = 47999  # nothing listens in the server namespace
+        before = net.nstat(net.server)
+        script = ("import socket\n"
+                  f"for _ in range({attempts}):\n"
+                  "    try:\n"
+                  f"        socket.create_connection(('{SERVER_ADDR}', {closed}), timeout=5)\n"
+                  "    except ConnectionRefusedError:\n"
+                  "        pass\n")
+        bundle = record_during(tmp_path, lambda: net.run(net.client, sys.executable, "-c", script), f"--ports={closed}")
+        after = net.nstat(net.server)
+        server_ns, client_ns = net.inode(net.server), net.inode(net.client)
+
+    out_rsts = after["TcpOutRsts"] - before["TcpOutRsts"]
+    assert out_rsts == attempts
+    sent = [e for e in bundle.of_type("reset") if e["direction"] == "sent"]
+    assert len(sent) == out_rsts
+    assert all(e["sk"] == "0x0" and e["reason"] == "NO_SOCKET" and e["saddr"] == SERVER_ADDR for e in sent)
+    assert {e["netns_pkt"] for e in sent} == {server_ns}
+    received = [e for e in bundle.of_type("reset") if e["direction"] == "received"]
+    assert len(received) == attempts and {e["netns_pkt"] for e in received} == {client_ns}
+    rows = [r for r in bundle.summary["tcp"]["resets"] if r["direction"] == "sent"]
+    assert rows == [{"pid": None, "comm": None, "direction": "sent", "reason": "NO_SOCKET", "netns": server_ns,
+                     "count": attempts}]
+
+
+def test_a_client_giving_up_on_a_black_holed_port_is_a_syn_timeout_finding_with_the_remote(tmp_path):
+    attempts = 3
+    with TwoHosts("giveup") as net:
+        port = 47998
+        net.nft(net.server, _drop_rules(f"tcp dport {port} tcp flags & (syn | ack) == syn"))
+        before = net.nstat(net.client)
+        result: dict = {}
+        proc_pid: list[int] = []
+
+        def connects() -> None:
+            # 2.5 s each: the first SYN and its retransmit at 1 s go unanswered, the one at 3 s is never sent
+            proc = net.popen(net.client, sys.executable, TRAFFIC, "give-up", SERVER_ADDR, str(port), str(attempts),
+                             "2.5", stdout=-1, text=True)
+            out, _ = proc.communicate(timeout=60)
+            proc_pid.append(proc.pid)
+            result.update(json.loads(out.strip().splitlines()[-1]))
+
+        bundle = record_during(tmp_path, connects, f"--ports={port}")
+        after = net.nstat(net.client)
+
+    assert result["timeouts"] == attempts
+    active_opens = after["TcpActiveOpens"] - before["TcpActiveOpens"]
+    syn_retrans = after["TcpExtTCPSynRetrans"] - before["TcpExtTCPSynRetrans"]
+    assert active_opens == attempts
+    closes = [e for e in bundle.of_type("tcp_state") if e["old_state"] == "SYN_SENT" and e["new_state"] == "CLOSE"]
+    assert len(closes) == attempts and all("error" not in e for e in closes)
+    assert sum(e["syn_retransmits"] for e in closes) == syn_retrans >= attempts
+    assert bundle.summary["tcp"]["connections"]["abandoned"] == attempts
+    assert bundle.summary["tcp"]["connections"]["timed_out"] == 0
+    findings = [f for f in bundle.summary["findings"] if f["rule"] == "syn_timeout"]
+    assert len(findings) == 1
+    assert findings[0]["subject"] == {"pid": proc_pid[0], "comm": "kt-giveup", "remote": f"{SERVER_ADDR}:{port}",
+                                      "timed_out": 0, "abandoned": attempts}
+    assert findings[0]["severity"] == "critical" and findings[0]["evidence"]["count"] == attempts
+    assert {e["sport"] for e in closes} == set(result["ports"])

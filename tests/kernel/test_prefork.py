@@ -3,7 +3,9 @@ load generator (ab): the server side names the worker that served each connectio
 
 from __future__ import annotations
 
+import grp
 import os
+import pwd
 import shutil
 import subprocess
 import time
@@ -19,7 +21,7 @@ PORT = 8088
 REQUESTS, CONCURRENCY = 300, 4
 WORKER_USER = "nobody"
 NGINX_CONF = """\
-user {user};
+user {user} {group};
 worker_processes 2;
 master_process on;
 daemon off;
@@ -64,7 +66,8 @@ def nginx(tmp_path):
     conf_dir.chmod(0o755)  # workers run as nobody and write nothing here, but must traverse it
     tmp_path.chmod(0o755)
     conf = conf_dir / "nginx.conf"
-    conf.write_text(NGINX_CONF.format(user=WORKER_USER, dir=conf_dir, addr=SERVER_ADDR, port=PORT))
+    group = grp.getgrgid(pwd.getpwnam(WORKER_USER).pw_gid).gr_name
+    conf.write_text(NGINX_CONF.format(user=WORKER_USER, group=group, dir=conf_dir, addr=SERVER_ADDR, port=PORT))
     with TwoHosts("prefork") as net:
         master = net.popen(net.server, "nginx", "-c", str(conf), "-p", str(conf_dir))
         workers: set[int] = set()
@@ -72,7 +75,7 @@ def nginx(tmp_path):
             workers = _children(master.pid)
             if len(workers) == 2 and (conf_dir / "nginx.pid").exists():
                 break
-            assert master.poll() is None, (conf_dir / "error.log").read_text()
+            assert master.poll() is None, f"nginx exited with {master.returncode}"
             time.sleep(0.05)
         assert len(workers) == 2, f"nginx workers: {workers}"
         yield net, master, workers, conf_dir
@@ -89,7 +92,9 @@ def test_a_prefork_servers_connections_are_owned_by_the_worker_that_served_them(
         out = net.run(net.client, "ab", "-n", str(REQUESTS), "-c", str(CONCURRENCY), f"http://{SERVER_ADDR}:{PORT}/")
         assert f"Complete requests:      {REQUESTS}" in out.stdout and "Failed requests:        0" in out.stdout
 
+    before = net.nstat(net.server)
     bundle = record_during(tmp_path, load, f"--ports={PORT}")
+    passive_opens = net.nstat(net.server)["TcpPassiveOpens"] - before["TcpPassiveOpens"]
 
     # nginx's own log: which worker served the connection from each client port
     served = {}
@@ -102,8 +107,11 @@ def test_a_prefork_servers_connections_are_owned_by_the_worker_that_served_them(
     server_side = [e for e in bundle.events if e["type"] in ("tcp_state", "retransmit")
                    and e["saddr"] == SERVER_ADDR and e["sport"] == PORT and e["dport"] != 0]
     accepted = [e for e in server_side if e["type"] == "tcp_state" and e["old_state"] == "LISTEN"]
-    assert len(accepted) == REQUESTS
+    # ab may open a connection it sends nothing on: the kernel's count, not the log's, is the truth here
+    assert len(accepted) == passive_opens >= REQUESTS
     by_worker = [e for e in server_side if e["pid"] in workers and e["uid"] == worker_uid]
+    print(f"\nserver-side events {len(server_side)}, naming a worker {len(by_worker)}, accepted {len(accepted)}, "
+          f"logged {len(served)}, master {sum(e['pid'] == master.pid for e in server_side)}")
     assert len(by_worker) >= 0.9 * len(server_side), Counter((e["pid"], e["attribution"]) for e in server_side)
     # every event of a connection names the worker nginx logged for it
     wrong = [e for e in server_side if e["dport"] in served and e["pid"] != served[e["dport"]]]
@@ -111,12 +119,13 @@ def test_a_prefork_servers_connections_are_owned_by_the_worker_that_served_them(
     # the worker's own close() is its own change, and the master never closes an accepted connection
     closes = [e for e in server_side if e["type"] == "tcp_state"
               and (e["old_state"], e["new_state"]) in (("ESTABLISHED", "FIN_WAIT1"), ("CLOSE_WAIT", "LAST_ACK"))]
-    assert len(closes) == REQUESTS
-    assert all(e["attribution"] == "current" and e["pid"] == served[e["dport"]] for e in closes)
+    assert len(closes) == passive_opens
+    assert all(e["attribution"] == "current" and e["pid"] == served.get(e["dport"], e["pid"]) and e["pid"] in workers
+               for e in closes)
     assert not [e for e in server_side if e["pid"] == master.pid and e["new_state"] in ("FIN_WAIT1", "LAST_ACK",
                                                                                          "CLOSE")]
     # the summary's process rows: the workers accepted the connections, not the master
     inbound = {row["pid"]: row["inbound"] for row in bundle.summary["top_talkers"]}
     assert master.pid not in inbound
-    assert sum(inbound.get(pid, 0) for pid in workers) == REQUESTS
+    assert sum(inbound.get(pid, 0) for pid in workers) == passive_opens
     assert os.path.exists(f"/proc/{master.pid}")

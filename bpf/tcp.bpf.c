@@ -651,7 +651,8 @@ static __always_inline int kt_handle_synack(const struct sock *sk, const struct 
 	e->task = o->task;
 	e->attribution = o->attribution;
 	e->skaddr = (__u64)req;
-	e->total_retrans = BPF_CORE_READ(req, num_retrans);	/* SYN-ACKs of this request sent again */
+	/* SYN-ACKs of this request sent again before this one (counted once it is sent) */
+	e->total_retrans = BPF_CORE_READ(req, num_retrans);
 	e->snd_cwnd = 0;
 	e->srtt_us = 0;
 	e->err = 0;

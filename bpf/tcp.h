@@ -63,7 +63,7 @@ struct kt_retransmit_event {
 	struct kt_hdr hdr;
 	struct kt_task task;
 	__u64 skaddr;		/* the socket; for a SYN-ACK, the request socket */
-	__u32 total_retrans;	/* tcp_sock counters after this retransmit (the listener's for a SYN-ACK) */
+	__u32 total_retrans;	/* tcp_sock counters after this retransmit; SYN-ACK: request_sock num_retrans */
 	__u32 snd_cwnd;
 	__u32 srtt_us;
 	__s32 err;		/* result of the transmit */

@@ -537,6 +537,7 @@ static __always_inline int kt_accept_exit(long fd)
 		fresh.attribution = KT_ATTR_SOCKET_OWNER;
 		fresh.sampled = kt_sample_flow();
 		bpf_map_update_elem(&sk_owner, &key, &fresh, BPF_ANY);
+		kt_release_held(key, &fresh.task, KT_ATTR_SOCKET_OWNER);
 		return 0;
 	}
 	kt_fill_current(&o->task);

@@ -1,5 +1,6 @@
 """A pre-fork web server (nginx: a root master that listens, unprivileged workers that accept and close) under a
-load generator (ab): the server side names the worker that served each connection, as nginx's own log does."""
+load generator (ab): the server side names the worker that served each connection, as nginx's own log and
+bpftrace on the same tracepoint do."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import grp
 import os
 import pwd
 import shutil
+import signal
 import subprocess
 import time
 from collections import Counter
@@ -14,10 +16,19 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import record_during
+from ktrace.events.decode import TCP_STATES
+from tests.helpers import Rig, record_during
 from tests.tcpnet import SERVER_ADDR, TwoHosts
 
 PORT = 8088
+VIP, VIP_PORT = "10.231.1.10", 80  # a "Service" address the server's namespace DNATs to nginx
+DNAT = f"""table ip nat {{
+  chain pre {{
+    type nat hook prerouting priority -100;
+    ip daddr {VIP} tcp dport {VIP_PORT} dnat to {SERVER_ADDR}:{PORT}
+  }}
+}}
+"""
 REQUESTS, CONCURRENCY = 300, 4
 WORKER_USER = "nobody"
 NGINX_CONF = """\
@@ -43,6 +54,45 @@ http {{
     }}
 }}
 """
+
+
+class StateTracer(Rig):
+    """bpftrace on the tracepoint ktrace's tcp_state family reads (sock:inet_sock_set_state), on the server's port:
+    the pid of the task that made each state change."""
+
+    PROGRAM = ("tracepoint:sock:inet_sock_set_state /args->protocol == 6 && args->sport == %d/ "
+               "{ printf(\"%%d %%d %%d %%d\\n\", pid, args->dport, args->oldstate, args->newstate); }")
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self.proc: subprocess.Popen | None = None
+
+    def _start(self) -> None:
+        if shutil.which("bpftrace") is None:
+            pytest.fail("bpftrace is needed (make setup installs it)")
+        self.proc = subprocess.Popen(["bpftrace", "-B", "line", "-e", self.PROGRAM % self.port],
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        header = self.proc.stdout.readline()  # "Attaching 1 probe...", once it is attached
+        assert header.startswith("Attaching"), header
+
+    def stop(self) -> list[dict]:
+        """(pid, rport, old, new) of every change it saw; it says how many it lost, which must be none."""
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGINT)
+        out, err = self.proc.communicate(timeout=30)
+        assert "Lost" not in out + err, err
+        rows = []
+        for line in out.splitlines():
+            f = line.split()
+            if len(f) == 4 and all(x.isdigit() for x in f):
+                rows.append({"pid": int(f[0]), "rport": int(f[1]), "old": TCP_STATES[int(f[2])],
+                             "new": TCP_STATES[int(f[3])]})
+        return rows
+
+    def close(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
 
 
 def _children(pid: int) -> set[int]:
@@ -93,7 +143,9 @@ def test_a_prefork_servers_connections_are_owned_by_the_worker_that_served_them(
         assert f"Complete requests:      {REQUESTS}" in out.stdout and "Failed requests:        0" in out.stdout
 
     before = net.nstat(net.server)
-    bundle = record_during(tmp_path, load, f"--ports={PORT}")
+    with StateTracer(PORT) as tracer:
+        bundle = record_during(tmp_path, load, f"--ports={PORT}")
+        traced = tracer.stop()
     passive_opens = net.nstat(net.server)["TcpPassiveOpens"] - before["TcpPassiveOpens"]
 
     # nginx's own log: which worker served the connection from each client port
@@ -128,4 +180,33 @@ def test_a_prefork_servers_connections_are_owned_by_the_worker_that_served_them(
     inbound = {row["pid"]: row["inbound"] for row in bundle.summary["top_talkers"]}
     assert master.pid not in inbound
     assert sum(inbound.get(pid, 0) for pid in workers) == passive_opens
+    # bpftrace names the task that made each change: for the worker's close(), the same worker
+    assert len(traced) == len([e for e in server_side if e["type"] == "tcp_state"])
+    closed_by = {r["rport"]: r["pid"] for r in traced if (r["old"], r["new"]) in (("ESTABLISHED", "FIN_WAIT1"),
+                                                                                 ("CLOSE_WAIT", "LAST_ACK"))}
+    assert closed_by == {e["dport"]: e["pid"] for e in closes}
     assert os.path.exists(f"/proc/{master.pid}")
+
+
+def test_the_nat_rows_of_a_prefork_servers_connections_name_its_workers(tmp_path, nginx):
+    net, master, workers, conf_dir = nginx
+    net.nft(net.server, DNAT)
+    net.run(net.client, "ip", "route", "add", f"{VIP}/32", "via", SERVER_ADDR)
+    requests = 50
+
+    def load() -> None:
+        out = net.run(net.client, "ab", "-n", str(requests), "-c", "2", f"http://{VIP}:{VIP_PORT}/")
+        assert f"Complete requests:      {requests}" in out.stdout
+
+    bundle = record_during(tmp_path, load, f"--ports={PORT},{VIP_PORT}", "--with-conntrack")
+    served = {int(line.split()[0]) for line in (conf_dir / "access.log").read_text().splitlines()}
+    assert served <= workers and len(served) >= 1
+    rows = [r for r in bundle.summary["nat"]["translations"]
+            if r["original"] == f"{VIP}:{VIP_PORT}" and r["translated"] == f"{SERVER_ADDR}:{PORT}"]
+    assert len(rows) == 1 and rows[0]["connections"] >= requests
+    # the server side of the translation is the workers that served it, never the master
+    users = {p["pid"] for p in rows[0]["processes"]}
+    assert served <= users and master.pid not in users
+    server_side = [e for e in bundle.of_type("tcp_state") if e["saddr"] == SERVER_ADDR and e["sport"] == PORT
+                   and e.get("conntrack")]
+    assert server_side and {e["pid"] for e in server_side} <= workers

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from ktrace.events.decode import TCP_STATES
+from ktrace.schemas import validate_bundle
 from tests.helpers import Rig, record_during
 from tests.tcpnet import SERVER_ADDR, TwoHosts
 
@@ -185,6 +186,7 @@ def test_a_prefork_servers_connections_are_owned_by_the_worker_that_served_them(
     closed_by = {r["rport"]: r["pid"] for r in traced if (r["old"], r["new"]) in (("ESTABLISHED", "FIN_WAIT1"),
                                                                                  ("CLOSE_WAIT", "LAST_ACK"))}
     assert closed_by == {e["dport"]: e["pid"] for e in closes}
+    assert validate_bundle({k: v for k, v in bundle.paths.items() if k != "bundle.tgz"}) == []
     assert os.path.exists(f"/proc/{master.pid}")
 
 

@@ -1,6 +1,7 @@
 """Loopback TCP traffic with known shapes, run as separate processes with their own comm.
 
     python traffic.py server PORT_FILE [HOST]   accept forever; "hold" connections are kept open
+    python traffic.py backlog PORT_FILE HOST    listen and never accept: connections wait in the accept queue
     python traffic.py client PORT N_OK N_REFUSED N_HOLD [CLOSED_PORT]
     python traffic.py connect HOST PORT         one blocking connect, prints the result
     python traffic.py give-up HOST PORT N SECS  N connects, each closed after SECS without an answer; prints a JSON
@@ -42,6 +43,20 @@ def server(port_file: str, host: str = "127.0.0.1") -> None:
         conn.sendall(b"pong")
         conn.recv(16)  # wait for the client's FIN
         conn.close()
+
+
+def backlog(port_file: str, host: str) -> None:
+    import os
+
+    set_comm("kt-backlog")
+    srv = socket.socket()
+    srv.bind((host, 0))
+    srv.listen(64)
+    with open(port_file + ".tmp", "w") as f:
+        f.write(str(srv.getsockname()[1]))
+    os.rename(port_file + ".tmp", port_file)
+    while True:
+        time.sleep(3600)
 
 
 def client(port: int, n_ok: int, n_refused: int, n_hold: int, closed_port: int) -> None:
@@ -94,6 +109,8 @@ if __name__ == "__main__":
     role = sys.argv[1]
     if role == "server":
         server(*sys.argv[2:4])
+    elif role == "backlog":
+        backlog(sys.argv[2], sys.argv[3])
     elif role == "give-up":
         give_up(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), float(sys.argv[5]))
     elif role == "client":

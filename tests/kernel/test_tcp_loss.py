@@ -11,11 +11,13 @@ import time
 
 import pytest
 
+from ktrace.probes import FAMILY_BY_NAME
 from ktrace.schemas import validate_bundle
 from tests.helpers import TRAFFIC, record_during, wait_for
 from tests.tcpnet import CLIENT_ADDR, SERVER_ADDR, TwoHosts
 
 IPERF_PORT = 5201
+RETRANSMIT_HOOKS = [hook.label for hook in FAMILY_BY_NAME["retransmit"].chain[:2]]  # tp_btf, then the tracepoint
 LISTEN_PORT_FILE = "server.port"
 
 
@@ -38,7 +40,17 @@ def _server(net: TwoHosts, tmp_path) -> int:
     return int(port_file.read_text())
 
 
-def test_retransmitted_segments_under_random_loss_match_the_kernels_tcp_retrans_segs(tmp_path):
+def _hook_args(hook: str) -> list[str]:
+    """Options that make the loader take this retransmit alternative."""
+    return [f"--skip-hook={h}" for h in RETRANSMIT_HOOKS[:RETRANSMIT_HOOKS.index(hook)]]
+
+
+def _chosen(bundle, family: str) -> str:
+    return next(row["chosen"] for row in bundle.summary["probes"] if row["family"] == family)
+
+
+@pytest.mark.parametrize("hook", RETRANSMIT_HOOKS)
+def test_retransmitted_segments_under_random_loss_match_the_kernels_tcp_retrans_segs(tmp_path, hook):
     if shutil.which("iperf3") is None:
         pytest.fail("iperf3 is needed (make setup installs it)")
     with TwoHosts("loss") as net:
@@ -56,9 +68,10 @@ def test_retransmitted_segments_under_random_loss_match_the_kernels_tcp_retrans_
                     "--connect-timeout", "5000")
             server.wait(timeout=60)
 
-        bundle = record_during(tmp_path, transfer, f"--ports={IPERF_PORT}")
+        bundle = record_during(tmp_path, transfer, f"--ports={IPERF_PORT}", *_hook_args(hook))
         after = {ns: net.nstat(ns) for ns in (net.server, net.client)}
 
+    assert _chosen(bundle, "retransmit") == hook
     kernel = {ns: after[ns]["TcpRetransSegs"] - before[ns]["TcpRetransSegs"] for ns in before}
     assert kernel[net.server] >= 50, kernel  # the loss really made the server retransmit
     server_side = [e for e in bundle.of_type("retransmit") if e["saddr"] == SERVER_ADDR]
@@ -75,7 +88,8 @@ def test_retransmitted_segments_under_random_loss_match_the_kernels_tcp_retrans_
     assert total["skbs"] == len(bundle.of_type("retransmit")) - total["synacks"]
 
 
-def test_syn_acks_lost_on_the_way_are_retransmits_of_kind_synack_as_the_kernel_counts_them(tmp_path):
+@pytest.mark.parametrize("hook", RETRANSMIT_HOOKS)
+def test_syn_acks_lost_on_the_way_are_retransmits_of_kind_synack_as_the_kernel_counts_them(tmp_path, hook):
     with TwoHosts("synack") as net:
         port = _server(net, tmp_path)
         net.nft(net.client, _drop_rules(f"ip saddr {SERVER_ADDR} tcp sport {port} tcp flags & (syn | ack) == "
@@ -88,9 +102,10 @@ def test_syn_acks_lost_on_the_way_are_retransmits_of_kind_synack_as_the_kernel_c
             out = net.run(net.client, sys.executable, TRAFFIC, "give-up", SERVER_ADDR, str(port), "2", "3.5").stdout
             result.update(json.loads(out.strip().splitlines()[-1]))
 
-        bundle = record_during(tmp_path, connects, f"--ports={port}")
+        bundle = record_during(tmp_path, connects, f"--ports={port}", *_hook_args(hook))
         after = net.nstat(net.server)
 
+    assert _chosen(bundle, "retransmit") == hook
     assert result["timeouts"] == 2
     syn_retrans = after["TcpExtTCPSynRetrans"] - before["TcpExtTCPSynRetrans"]
     retrans_segs = after["TcpRetransSegs"] - before["TcpRetransSegs"]

@@ -248,7 +248,9 @@ class TcpAnalysis:
             if e.count < RETRANSMIT_HOTSPOT:
                 continue
             out.append(finding(
-                "retransmit_hotspot", "warning", f"{comm} ({pid}): {e.count} retransmits to {remote}",
+                "retransmit_hotspot", "warning",
+                f"{comm} ({pid}): {e.count} retransmits ({self.retransmit_segments[(pid, comm, remote)]} segments) "
+                f"to {remote}",
                 {"pid": pid, "comm": comm, "remote": remote}, e,
                 "Packets to this peer are lost or delayed: congestion, a flaky link, or drops on the path.",
             ))

@@ -32,6 +32,15 @@ def _drop_rules(match: str) -> str:
 """
 
 
+def _wait_listening(net: TwoHosts, ns: str, port: int) -> None:
+    """Until something listens on port in ns (iperf3 has no ready signal of its own)."""
+    for _ in range(300):
+        if net.run(ns, "ss", "-Hltn", f"( sport = :{port} )").stdout.strip():
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"nothing listens on port {port} in {ns}")
+
+
 def _server(net: TwoHosts, tmp_path) -> int:
     """traffic.py's server, listening on SERVER_ADDR in the server namespace: its port."""
     port_file = tmp_path / LISTEN_PORT_FILE
@@ -59,7 +68,7 @@ def test_retransmitted_segments_under_random_loss_match_the_kernels_tcp_retrans_
         # retransmit to count
         net.nft(net.client, _drop_rules(f"ip saddr {SERVER_ADDR} numgen random mod 100 < 5"))
         server = net.popen(net.server, "iperf3", "-s", "-1", "-B", SERVER_ADDR, "-p", str(IPERF_PORT))
-        time.sleep(0.3)  # iperf3 has no ready signal; a client that comes too early fails the run below
+        _wait_listening(net, net.server, IPERF_PORT)
         before = {ns: net.nstat(ns) for ns in (net.server, net.client)}
 
         def transfer() -> None:

@@ -212,3 +212,32 @@ def test_the_nat_rows_of_a_prefork_servers_connections_name_its_workers(tmp_path
     server_side = [e for e in bundle.of_type("tcp_state") if e["saddr"] == SERVER_ADDR and e["sport"] == PORT
                    and e.get("conntrack")]
     assert server_side and {e["pid"] for e in server_side} <= workers
+
+
+LOSS = f"""table inet kt_loss {{
+  chain in {{
+    type filter hook prerouting priority -300;
+    ip saddr {SERVER_ADDR} tcp sport {PORT} tcp flags & syn == 0 numgen random mod 100 < 10 drop
+  }}
+}}
+"""
+
+
+def test_a_prefork_servers_retransmits_name_the_worker_that_owns_the_connection(tmp_path, nginx):
+    net, master, workers, conf_dir = nginx
+    # 10% of what nginx sends after the handshake is lost on the way to the client: the worker's sockets retransmit
+    net.nft(net.client, LOSS)
+    requests = 200
+
+    def load() -> None:
+        out = net.run(net.client, "ab", "-n", str(requests), "-c", "8", f"http://{SERVER_ADDR}:{PORT}/")
+        assert f"Complete requests:      {requests}" in out.stdout
+
+    before = net.nstat(net.server)
+    bundle = record_during(tmp_path, load, f"--ports={PORT}")
+    retrans_segs = net.nstat(net.server)["TcpRetransSegs"] - before["TcpRetransSegs"]
+
+    retransmits = [e for e in bundle.of_type("retransmit") if e["saddr"] == SERVER_ADDR and e["sport"] == PORT]
+    assert retransmits and sum(e["segments"] for e in retransmits if e["err"] == 0) == retrans_segs
+    assert {(e["kind"], e["attribution"]) for e in retransmits} == {("data", "socket_owner")}
+    assert {e["pid"] for e in retransmits} <= workers and {e["uid"] for e in retransmits} == {_uid(min(workers))}

@@ -120,6 +120,7 @@ struct kt_held_states {
 	__u32 count;
 	__u32 _pad;
 };
-_Static_assert(sizeof(struct kt_held_states) == 2 * 160 + 8, "kt_held_states layout");
+_Static_assert(sizeof(struct kt_held_states) == KT_HELD_STATES * sizeof(struct kt_tcp_state_event) + 8,
+	       "kt_held_states layout");
 
 #endif /* KTRACE_TCP_H */

@@ -198,3 +198,34 @@ def test_a_client_giving_up_on_a_black_holed_port_is_a_syn_timeout_finding_with_
                                       "timed_out": 0, "abandoned": attempts}
     assert findings[0]["severity"] == "critical" and findings[0]["evidence"]["count"] == attempts
     assert {e["sport"] for e in closes} == set(result["ports"])
+
+
+def test_curl_giving_up_on_a_black_holed_port_is_counted_per_attempt(tmp_path):
+    if shutil.which("curl") is None:
+        pytest.fail("curl is needed (make setup installs it)")
+    attempts = 3
+    with TwoHosts("curl") as net:
+        port = 47997
+        net.nft(net.server, _drop_rules(f"tcp dport {port} tcp flags & (syn | ack) == syn"))
+        before = net.nstat(net.client)
+        pids: list[int] = []
+
+        def connects() -> None:
+            for _ in range(attempts):
+                curl = net.popen(net.client, "curl", "--silent", "--connect-timeout", "2.5",
+                                 f"http://{SERVER_ADDR}:{port}/")
+                assert curl.wait(timeout=30) == 28  # CURLE_OPERATION_TIMEDOUT
+                pids.append(curl.pid)
+
+        bundle = record_during(tmp_path, connects, f"--ports={port}")
+        after = net.nstat(net.client)
+
+    assert after["TcpActiveOpens"] - before["TcpActiveOpens"] == attempts
+    closes = [e for e in bundle.of_type("tcp_state") if e["old_state"] == "SYN_SENT" and e["new_state"] == "CLOSE"]
+    assert sorted(e["pid"] for e in closes) == sorted(pids) and all("error" not in e for e in closes)
+    assert sum(e["syn_retransmits"] for e in closes) == after["TcpExtTCPSynRetrans"] - before["TcpExtTCPSynRetrans"]
+    assert bundle.summary["tcp"]["connections"]["abandoned"] == attempts
+    findings = [f for f in bundle.summary["findings"] if f["rule"] == "syn_timeout"]
+    assert sum(f["evidence"]["count"] for f in findings) == sum(f["subject"]["abandoned"] for f in findings) == attempts
+    assert all(f["subject"]["comm"] == "curl" and f["subject"]["remote"] == f"{SERVER_ADDR}:{port}"
+               and f["severity"] == "critical" for f in findings)

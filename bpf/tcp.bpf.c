@@ -327,6 +327,10 @@ static __always_inline int kt_handle_state(const struct sock *sk, int oldstate, 
 	if (o->attribution != KT_ATTR_SOCKET_OWNER &&
 	    (accepted_child || (oldstate == KT_TCP_SYN_RECV && newstate == KT_TCP_ESTABLISHED))) {
 		/* an accepted socket before accept(): wait for the process that takes it */
+		if (accepted_child) {
+			/* a new life of this socket address: what a previous one left behind goes out first */
+			kt_release_held(key, &o->task, o->attribution);
+		}
 		scratch = bpf_map_lookup_elem(&held_scratch, &zero);
 		if (!scratch)
 			goto out;

@@ -50,7 +50,8 @@ struct kt_sock {
 	__u64 syn_ts;		/* when it entered SYN_SENT */
 	__u8 attribution;	/* enum kt_attribution of task */
 	__u8 sampled;		/* the flow's sampling decision: 1 = keep */
-	__u8 _pad[6];
+	__u8 held;		/* state changes of it wait in held_states */
+	__u8 _pad[5];
 };
 
 /*
@@ -291,10 +292,15 @@ static __always_inline int kt_handle_state(const struct sock *sk, int oldstate, 
 		/*
 		 * Whoever acts on the socket in a syscall owns it from now on: the
 		 * worker of a pre-fork server closing a connection that its master
-		 * listened for, or a process the socket was passed to.
+		 * listened for, or a process the socket was passed to. Most of the
+		 * time it is the owner already, whose task block is up to date.
 		 */
-		kt_fill_current(&o->task);
-		o->attribution = KT_ATTR_SOCKET_OWNER;
+		__u64 id = bpf_get_current_pid_tgid();
+
+		if (o->attribution != KT_ATTR_SOCKET_OWNER || o->task.tgid != id >> 32 || o->task.pid != (__u32)id) {
+			kt_fill_current(&o->task);
+			o->attribution = KT_ATTR_SOCKET_OWNER;
+		}
 	}
 
 	if (newstate == KT_TCP_SYN_SENT) {
@@ -340,10 +346,13 @@ static __always_inline int kt_handle_state(const struct sock *sk, int oldstate, 
 		e->hdr.kind = KT_KIND_TCP_STATE;
 		e->hdr.size = sizeof(*e);
 		e->hdr.cpu = bpf_get_smp_processor_id();
-		if (kt_hold(key, e))
+		if (kt_hold(key, e)) {
+			o->held = 1;
 			goto out;
+		}
 		/* nowhere to hold it: send what waits, then this change */
 		kt_release_held(key, &o->task, o->attribution);
+		o->held = 0;
 		scratch = bpf_map_lookup_elem(&held_scratch, &zero);
 		if (!scratch)
 			goto out;
@@ -354,8 +363,11 @@ static __always_inline int kt_handle_state(const struct sock *sk, int oldstate, 
 		kt_submit(e, sizeof(*e));
 		goto out;
 	}
-	/* what waited for an owner goes first, with the owner known now */
-	kt_release_held(key, &o->task, o->attribution);
+	if (o->held) {
+		/* what waited for an owner goes first, with the owner known now */
+		kt_release_held(key, &o->task, o->attribution);
+		o->held = 0;
+	}
 	e = kt_reserve(KT_FAMILY_TCP_STATE, KT_KIND_TCP_STATE, sizeof(*e));
 	if (!e)
 		goto out;
@@ -546,7 +558,10 @@ static __always_inline int kt_accept_exit(long fd)
 	}
 	kt_fill_current(&o->task);
 	o->attribution = KT_ATTR_SOCKET_OWNER;
-	kt_release_held(key, &o->task, KT_ATTR_SOCKET_OWNER);
+	if (o->held) {
+		kt_release_held(key, &o->task, KT_ATTR_SOCKET_OWNER);
+		o->held = 0;
+	}
 	return 0;
 }
 

@@ -9,8 +9,9 @@ BPF_SRC := $(wildcard bpf/*.bpf.c)
 BPF_HDR := $(wildcard bpf/*.h)
 BPF_OBJ := $(patsubst bpf/%.bpf.c,ktrace/bpf/%.bpf.o,$(BPF_SRC))
 # Real third-party servers and clients the kernel tests drive, with the tools that give their ground truth:
-# a pre-fork web server and its load generator, two DNS servers and dig, conntrack-tools, bpftrace.
-TEST_SERVERS := nginx-light apache2-utils unbound dnsmasq-base bind9-dnsutils conntrack bpftrace
+# a pre-fork web server and its load generator, two DNS servers and dig, conntrack-tools, bpftrace, a bulk
+# transfer tool (iperf3) and an HTTP client with a connect timeout of its own (curl).
+TEST_SERVERS := nginx-light apache2-utils unbound dnsmasq-base bind9-dnsutils conntrack bpftrace iperf3 curl
 BPF_CFLAGS := -g -O2 -Wall -Werror -target bpf -D__TARGET_ARCH_$(ARCH) -Ivmlinux/$(ARCH) -Ibpf
 
 ifeq ($(filter $(ARCH),x86 arm64),)
@@ -40,7 +41,8 @@ setup:
 		|| ! command -v umoci >/dev/null || ! dpkg -s busybox-static >/dev/null 2>&1 \
 		|| ! test -x /usr/lib/cni/host-device || ! command -v nginx >/dev/null || ! command -v ab >/dev/null \
 		|| ! command -v unbound >/dev/null || ! command -v dnsmasq >/dev/null || ! command -v dig >/dev/null \
-		|| ! command -v conntrack >/dev/null || ! command -v nstat >/dev/null || ! command -v bpftrace >/dev/null; then \
+		|| ! command -v conntrack >/dev/null || ! command -v nstat >/dev/null || ! command -v bpftrace >/dev/null \
+		|| ! command -v iperf3 >/dev/null || ! command -v curl >/dev/null; then \
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
 			libbpf1 iproute2 nftables util-linux containerd runc umoci busybox-static \
 			containernetworking-plugins $(TEST_SERVERS) >/dev/null; \

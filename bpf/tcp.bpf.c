@@ -9,7 +9,9 @@
  * State changes, retransmits and resets often run in softirq context, where the
  * current task is whoever happened to be on the CPU. The sk_owner map remembers
  * the task that owned each socket, captured in process context, so those events
- * name the right process.
+ * name the right process. The process that accept()s a socket, or that acts on
+ * it in a syscall of its own (close, shutdown), owns it from then on: the worker
+ * of a pre-fork server, not the master that listens.
  */
 #include "common.bpf.h"
 #include "sock.bpf.h"
@@ -22,10 +24,13 @@ struct kt_tcp_state_event _kt_tcp_state_event = {};
 struct kt_connect_event _kt_connect_event = {};
 struct kt_retransmit_event _kt_retransmit_event = {};
 struct kt_reset_event _kt_reset_event = {};
+struct kt_held_states _kt_held_states = {};
 enum kt_kind _kt_kind = 0;
 enum kt_family _kt_family = 0;
 enum kt_attribution _kt_attribution = 0;
 enum kt_reset_direction _kt_reset_direction = 0;
+enum kt_retransmit_kind _kt_retransmit_kind = 0;
+enum kt_held_sizes _kt_held_sizes = 0;
 
 /* TCP states, from include/net/tcp_states.h. */
 enum {
@@ -45,14 +50,16 @@ struct kt_sock {
 	__u64 syn_ts;		/* when it entered SYN_SENT */
 	__u8 attribution;	/* enum kt_attribution of task */
 	__u8 sampled;		/* the flow's sampling decision: 1 = keep */
-	__u8 _pad[6];
+	__u8 held;		/* state changes of it wait in held_states */
+	__u8 _pad[5];
 };
 
 /*
  * Socket address → owner and sampling decision.
- * Inserted at a socket's first event (reset at SYN_SENT, LISTEN and SYN_RECV,
- * where a socket address starts a new life); upgraded when a state change made
- * by a syscall shows the owner; deleted when the socket enters CLOSE.
+ * Inserted at a socket's first event (reset at SYN_SENT, LISTEN and LISTEN →
+ * SYN_RECV, where a socket address starts a new life); set to the caller by
+ * accept() and by every state change made by a syscall on the socket; deleted
+ * when the socket enters CLOSE.
  */
 struct {
 	__uint(type, BPF_MAP_TYPE_LRU_HASH);
@@ -78,6 +85,28 @@ struct {
 	__type(key, struct kt_listen_key);
 	__type(value, struct kt_task);
 } listeners SEC(".maps");
+
+/*
+ * Socket address → its state changes held until accept() (struct kt_held_states).
+ * Inserted at LISTEN → SYN_RECV of a socket no process owns yet; deleted when
+ * they are sent: at accept(), at the socket's next event, or read by user space
+ * after the window. A plain hash, not an LRU: when it is full, the changes are
+ * sent at once (attributed to the listener) instead of being evicted and lost.
+ */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 8192);
+	__type(key, __u64);
+	__type(value, struct kt_held_states);
+} held_states SEC(".maps");
+
+/* Where a held entry is built before insertion: it is too big for the BPF stack. */
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct kt_held_states);
+} held_scratch SEC(".maps");
 
 struct kt_connect_args {
 	__u64 ts;
@@ -145,17 +174,90 @@ static __always_inline struct kt_sock *kt_owner_of(const struct sock *sk, __u16 
 	return o ? o : scratch;
 }
 
+/* Send the state changes held for sk, as changes of owner (by accept() or by the socket's next event). */
+static __always_inline void kt_release_held(__u64 key, const struct kt_task *owner, __u8 attribution)
+{
+	struct kt_held_states *h = bpf_map_lookup_elem(&held_states, &key);
+	struct kt_tcp_state_event *e;
+	__u32 i;
+
+	if (!h)
+		return;
+#pragma unroll
+	for (i = 0; i < KT_HELD_STATES; i++) {
+		if (i >= h->count)
+			break;
+		e = kt_reserve(KT_FAMILY_TCP_STATE, KT_KIND_TCP_STATE, sizeof(*e));
+		if (!e)
+			continue;
+		/* the header too: the event keeps the time it happened */
+		__builtin_memcpy(e, &h->events[i], sizeof(*e));
+		e->task = *owner;
+		e->attribution = attribution;
+		kt_submit(e, sizeof(*e));
+	}
+	bpf_map_delete_elem(&held_states, &key);
+}
+
+/*
+ * Keep a state change of a socket no process owns yet until accept() names its
+ * owner. False when it cannot be held (map full): the caller sends it now.
+ */
+static __always_inline bool kt_hold(__u64 key, const struct kt_tcp_state_event *e)
+{
+	struct kt_held_states *h = bpf_map_lookup_elem(&held_states, &key);
+	__u32 zero = 0;
+
+	if (h) {
+		if (h->count != 1)
+			return false;
+		__builtin_memcpy(&h->events[1], e, sizeof(*e));
+		h->count = 2;
+		return true;
+	}
+	h = bpf_map_lookup_elem(&held_scratch, &zero);
+	if (!h)
+		return false;
+	__builtin_memcpy(&h->events[0], e, sizeof(*e));
+	h->count = 1;
+	return bpf_map_update_elem(&held_states, &key, h, BPF_NOEXIST) == 0;
+}
+
+static __always_inline void kt_fill_state(struct kt_tcp_state_event *e, const struct sock *sk, const struct kt_tuple *t,
+					  const struct kt_sock *o, bool by_owner, int oldstate, int newstate, __u64 now)
+{
+	__u32 retrans = 0;
+
+	e->task = o->task;
+	e->attribution = by_owner ? KT_ATTR_CURRENT : o->attribution;
+	e->skaddr = (__u64)sk;
+	e->handshake_ns = oldstate == KT_TCP_SYN_SENT && o->syn_ts ? now - o->syn_ts : 0;
+	kt_copy_tuple(t, e->saddr, e->daddr, &e->sport, &e->dport, &e->family);
+	e->oldstate = oldstate;
+	e->newstate = newstate;
+	e->sk_err = newstate == KT_TCP_CLOSE ? BPF_CORE_READ(sk, sk_err) : 0;
+	if (oldstate == KT_TCP_SYN_SENT) {
+		/* in SYN_SENT every retransmitted segment is a SYN */
+		retrans = BPF_CORE_READ((const struct tcp_sock *)sk, total_retrans);
+	}
+	e->syn_retransmits = retrans > 255 ? 255 : retrans;
+	__builtin_memset(e->_pad, 0, sizeof(e->_pad));
+}
+
 static __always_inline int kt_handle_state(const struct sock *sk, int oldstate, int newstate)
 {
 	struct kt_tcp_state_event *e;
+	struct kt_held_states *scratch;
 	struct kt_tuple t = {};
 	struct kt_sock fresh = {};
 	struct kt_sock *o;
 	__u64 key = (__u64)sk;
 	__u64 now = bpf_ktime_get_boot_ns();
-	bool born = newstate == KT_TCP_SYN_SENT || newstate == KT_TCP_LISTEN ||
-		    newstate == KT_TCP_SYN_RECV;
-	bool by_owner = false;	/* the owner itself is making this change, in a syscall */
+	__u32 zero = 0;
+	bool accepted_child = oldstate == KT_TCP_LISTEN && newstate == KT_TCP_SYN_RECV;
+	bool born = newstate == KT_TCP_SYN_SENT || newstate == KT_TCP_LISTEN || accepted_child;
+	/* the owner itself is making this change, in a syscall on the socket */
+	bool by_owner = kt_change_by_owner(oldstate, newstate);
 
 	if (kt_sk_protocol(sk) != IPPROTO_TCP)
 		return 0;
@@ -168,10 +270,9 @@ static __always_inline int kt_handle_state(const struct sock *sk, int oldstate, 
 
 	o = born ? NULL : bpf_map_lookup_elem(&sk_owner, &key);
 	if (!o) {
-		if (kt_change_by_owner(oldstate, newstate)) {
+		if (by_owner) {
 			kt_fill_current(&fresh.task);
 			fresh.attribution = KT_ATTR_SOCKET_OWNER;
-			by_owner = true;
 		} else {
 			kt_guess_owner(&fresh, sk, t.sport);
 		}
@@ -187,11 +288,19 @@ static __always_inline int kt_handle_state(const struct sock *sk, int oldstate, 
 		}
 		if (!o)
 			o = &fresh;
-	} else if (o->attribution == KT_ATTR_CPU && kt_change_by_owner(oldstate, newstate)) {
-		/* first sight of the real owner of a socket whose owner was unknown */
-		kt_fill_current(&o->task);
-		o->attribution = KT_ATTR_SOCKET_OWNER;
-		by_owner = true;
+	} else if (by_owner) {
+		/*
+		 * Whoever acts on the socket in a syscall owns it from now on: the
+		 * worker of a pre-fork server closing a connection that its master
+		 * listened for, or a process the socket was passed to. Most of the
+		 * time it is the owner already, whose task block is up to date.
+		 */
+		__u64 id = bpf_get_current_pid_tgid();
+
+		if (o->attribution != KT_ATTR_SOCKET_OWNER || o->task.tgid != id >> 32 || o->task.pid != (__u32)id) {
+			kt_fill_current(&o->task);
+			o->attribution = KT_ATTR_SOCKET_OWNER;
+		}
 	}
 
 	if (newstate == KT_TCP_SYN_SENT) {
@@ -221,18 +330,48 @@ static __always_inline int kt_handle_state(const struct sock *sk, int oldstate, 
 		kt_count(KT_FAMILY_TCP_STATE, sampled_out);
 		goto out;
 	}
+	if (o->attribution != KT_ATTR_SOCKET_OWNER &&
+	    (accepted_child || (oldstate == KT_TCP_SYN_RECV && newstate == KT_TCP_ESTABLISHED))) {
+		/* an accepted socket before accept(): wait for the process that takes it */
+		if (accepted_child) {
+			/* a new life of this socket address: what a previous one left behind goes out first */
+			kt_release_held(key, &o->task, o->attribution);
+		}
+		scratch = bpf_map_lookup_elem(&held_scratch, &zero);
+		if (!scratch)
+			goto out;
+		e = &scratch->events[1];
+		kt_fill_state(e, sk, &t, o, by_owner, oldstate, newstate, now);
+		e->hdr.ts_ns = now;
+		e->hdr.kind = KT_KIND_TCP_STATE;
+		e->hdr.size = sizeof(*e);
+		e->hdr.cpu = bpf_get_smp_processor_id();
+		if (kt_hold(key, e)) {
+			o->held = 1;
+			goto out;
+		}
+		/* nowhere to hold it: send what waits, then this change */
+		kt_release_held(key, &o->task, o->attribution);
+		o->held = 0;
+		scratch = bpf_map_lookup_elem(&held_scratch, &zero);
+		if (!scratch)
+			goto out;
+		e = kt_reserve(KT_FAMILY_TCP_STATE, KT_KIND_TCP_STATE, sizeof(*e));
+		if (!e)
+			goto out;
+		__builtin_memcpy(e, &scratch->events[1], sizeof(*e));
+		kt_submit(e, sizeof(*e));
+		goto out;
+	}
+	if (o->held) {
+		/* what waited for an owner goes first, with the owner known now */
+		kt_release_held(key, &o->task, o->attribution);
+		o->held = 0;
+	}
 	e = kt_reserve(KT_FAMILY_TCP_STATE, KT_KIND_TCP_STATE, sizeof(*e));
 	if (!e)
 		goto out;
-	e->task = o->task;
-	e->attribution = by_owner ? KT_ATTR_CURRENT : o->attribution;
-	e->skaddr = key;
-	e->handshake_ns = oldstate == KT_TCP_SYN_SENT && o->syn_ts ? now - o->syn_ts : 0;
-	kt_copy_tuple(&t, e->saddr, e->daddr, &e->sport, &e->dport, &e->family);
-	e->oldstate = oldstate;
-	e->newstate = newstate;
-	e->sk_err = newstate == KT_TCP_CLOSE ? BPF_CORE_READ(sk, sk_err) : 0;
-	__builtin_memset(e->_pad, 0, sizeof(e->_pad));
+	kt_fill_state(e, sk, &t, o, by_owner, oldstate, newstate, now);
 	kt_submit(e, sizeof(*e));
 out:
 	if (newstate == KT_TCP_CLOSE)
@@ -380,7 +519,81 @@ int BPF_PROG(kt_conn_exit_fe, int fd, struct sockaddr *uaddr, int addrlen, int r
 	return kt_connect_exit(ret);
 }
 
-static __always_inline int kt_handle_retransmit(const struct sock *sk, int err)
+/*
+ * accept() returned fd: the caller owns the socket from now on. The state
+ * changes the socket went through before (in softirq, attributed to the
+ * listener) are sent now with this owner.
+ */
+static __always_inline int kt_accept_exit(long fd)
+{
+	struct kt_sock fresh = {};
+	struct kt_sock *o;
+	struct sock *sk;
+	__u64 key;
+	__u16 family;
+
+	if (fd < 0 || kt_is_self())
+		return 0;
+	sk = kt_sock_of_fd(fd);
+	if (!sk || kt_sk_protocol(sk) != IPPROTO_TCP)
+		return 0;
+	family = BPF_CORE_READ(sk, __sk_common.skc_family);
+	if (family != AF_INET && family != AF_INET6)
+		return 0;
+	key = (__u64)sk;
+	o = bpf_map_lookup_elem(&sk_owner, &key);
+	if (!o) {
+		/* born before the window, or filtered */
+		struct kt_tuple t = {};
+
+		kt_sk_tuple(sk, &t);
+		if (!kt_ports_allow(t.sport, t.dport))
+			return 0;
+		kt_fill_current(&fresh.task);
+		fresh.attribution = KT_ATTR_SOCKET_OWNER;
+		fresh.sampled = kt_sample_flow();
+		bpf_map_update_elem(&sk_owner, &key, &fresh, BPF_ANY);
+		kt_release_held(key, &fresh.task, KT_ATTR_SOCKET_OWNER);
+		return 0;
+	}
+	kt_fill_current(&o->task);
+	o->attribution = KT_ATTR_SOCKET_OWNER;
+	if (o->held) {
+		kt_release_held(key, &o->task, KT_ATTR_SOCKET_OWNER);
+		o->held = 0;
+	}
+	return 0;
+}
+
+/* accept, alternative 1: the syscall tracepoints of accept(2) and accept4(2). */
+SEC("tracepoint/syscalls/sys_exit_accept4")
+int kt_accept4_tp(struct trace_event_raw_sys_exit *ctx)
+{
+	return kt_accept_exit(ctx->ret);
+}
+
+SEC("tracepoint/syscalls/sys_exit_accept")
+int kt_accept_tp(struct trace_event_raw_sys_exit *ctx)
+{
+	return kt_accept_exit(ctx->ret);
+}
+
+/* accept, alternative 2: fexit on __sys_accept4, behind both syscalls (v4.17+, trampolines). */
+SEC("fexit/__sys_accept4")
+int BPF_PROG(kt_accept_fe, int fd, void *upeer_sockaddr, int *upeer_addrlen, int flags, int ret)
+{
+	return kt_accept_exit(ret);
+}
+
+/* tcp_skb_pcount(skb): the TCP segments a (GSO/TSO) skb stands for. */
+static __always_inline __u32 kt_skb_pcount(const struct sk_buff *skb)
+{
+	const struct tcp_skb_cb *cb = (const struct tcp_skb_cb *)&skb->cb[0];
+
+	return BPF_CORE_READ(cb, tcp_gso_segs);
+}
+
+static __always_inline int kt_handle_retransmit(const struct sock *sk, const struct sk_buff *skb, int err)
 {
 	struct kt_retransmit_event *e;
 	struct kt_tuple t = {};
@@ -409,8 +622,65 @@ static __always_inline int kt_handle_retransmit(const struct sock *sk, int err)
 	e->snd_cwnd = BPF_CORE_READ(tp, snd_cwnd);
 	e->srtt_us = BPF_CORE_READ(tp, srtt_us) >> 3;
 	e->err = err;
+	e->segments = skb ? kt_skb_pcount(skb) : 1;
 	kt_copy_tuple(&t, e->saddr, e->daddr, &e->sport, &e->dport, &e->family);
 	e->state = BPF_CORE_READ(sk, __sk_common.skc_state);
+	e->kind = KT_RETX_DATA;
+	__builtin_memset(e->_pad, 0, sizeof(e->_pad));
+	kt_submit(e, sizeof(*e));
+	return 0;
+}
+
+/*
+ * A listener's SYN-ACK sent again for a request socket (tcp_rtx_synack, which
+ * fires the tracepoint only when it was sent and then adds 1 to TcpRetransSegs
+ * and TcpExtTCPSynRetrans).
+ */
+static __always_inline int kt_handle_synack(const struct sock *sk, const struct request_sock *req)
+{
+	const struct sock_common *rc = (const struct sock_common *)req;
+	struct kt_retransmit_event *e;
+	struct kt_tuple t = {};
+	struct kt_sock scratch = {};
+	struct kt_sock *o;
+
+	kt_count(KT_FAMILY_RETRANSMIT, seen);
+	t.family = BPF_CORE_READ(rc, skc_family);
+	t.sport = BPF_CORE_READ(rc, skc_num);
+	t.dport = bpf_ntohs(BPF_CORE_READ(rc, skc_dport));
+	if (t.family == AF_INET6) {
+		BPF_CORE_READ_INTO((struct in6_addr *)t.saddr, rc, skc_v6_rcv_saddr);
+		BPF_CORE_READ_INTO((struct in6_addr *)t.daddr, rc, skc_v6_daddr);
+	} else {
+		BPF_CORE_READ_INTO((__u32 *)t.saddr, rc, skc_rcv_saddr);
+		BPF_CORE_READ_INTO((__u32 *)t.daddr, rc, skc_daddr);
+	}
+	if (!kt_ports_allow(t.sport, t.dport)) {
+		kt_count(KT_FAMILY_RETRANSMIT, filtered);
+		return 0;
+	}
+	/* the request has no owner of its own yet: the listener's */
+	o = kt_owner_of(sk, t.sport, &scratch);
+	if (!o->sampled) {
+		kt_count(KT_FAMILY_RETRANSMIT, sampled_out);
+		return 0;
+	}
+	e = kt_reserve(KT_FAMILY_RETRANSMIT, KT_KIND_RETRANSMIT, sizeof(*e));
+	if (!e)
+		return 0;
+	e->task = o->task;
+	e->attribution = o->attribution;
+	e->skaddr = (__u64)req;
+	/* SYN-ACKs of this request sent again before this one (counted once it is sent) */
+	e->total_retrans = BPF_CORE_READ(req, num_retrans);
+	e->snd_cwnd = 0;
+	e->srtt_us = 0;
+	e->err = 0;
+	e->segments = 1;
+	kt_copy_tuple(&t, e->saddr, e->daddr, &e->sport, &e->dport, &e->family);
+	e->state = BPF_CORE_READ(rc, skc_state);
+	e->kind = KT_RETX_SYNACK;
+	__builtin_memset(e->_pad, 0, sizeof(e->_pad));
 	kt_submit(e, sizeof(*e));
 	return 0;
 }
@@ -419,25 +689,37 @@ static __always_inline int kt_handle_retransmit(const struct sock *sk, int err)
 SEC("tp_btf/tcp_retransmit_skb")
 int BPF_PROG(kt_retx_btf, const struct sock *sk, const struct sk_buff *skb, int err)
 {
-	return kt_handle_retransmit(sk, err);
+	return kt_handle_retransmit(sk, skb, err);
+}
+
+SEC("tp_btf/tcp_retransmit_synack")
+int BPF_PROG(kt_synack_btf, const struct sock *sk, const struct request_sock *req)
+{
+	return kt_handle_synack(sk, req);
 }
 
 /* retransmit, alternative 2: the classic tracepoint. */
 SEC("tracepoint/tcp/tcp_retransmit_skb")
 int kt_retx_tp(struct trace_event_raw_tcp_retransmit_skb *ctx)
 {
-	return kt_handle_retransmit(ctx->skaddr, ctx->err);
+	return kt_handle_retransmit(ctx->skaddr, ctx->skbaddr, ctx->err);
+}
+
+SEC("tracepoint/tcp/tcp_retransmit_synack")
+int kt_synack_tp(struct trace_event_raw_tcp_retransmit_synack *ctx)
+{
+	return kt_handle_synack(ctx->skaddr, ctx->req);
 }
 
 /* retransmit, alternative 3: kprobe on __tcp_retransmit_skb. */
 SEC("kprobe/__tcp_retransmit_skb")
 int BPF_KPROBE(kt_retx_kp, struct sock *sk)
 {
-	return kt_handle_retransmit(sk, 0);
+	return kt_handle_retransmit(sk, NULL, 0);
 }
 
 static __always_inline int kt_emit_reset(const struct sock *sk, struct kt_tuple *t, __u32 reason,
-					 __u8 state, __u8 direction)
+					 __u8 state, __u8 direction, __u32 netns)
 {
 	struct kt_reset_event *e;
 	struct kt_sock scratch = {};
@@ -471,7 +753,7 @@ static __always_inline int kt_emit_reset(const struct sock *sk, struct kt_tuple 
 	}
 	e->skaddr = (__u64)sk;
 	e->reason = reason;
-	e->_pad0 = 0;
+	e->netns = netns;
 	kt_copy_tuple(t, e->saddr, e->daddr, &e->sport, &e->dport, &e->family);
 	e->state = state;
 	e->direction = direction;
@@ -498,15 +780,26 @@ static __always_inline void kt_read_sockaddr(const __u8 *sa, __u8 *addr, __u16 *
 SEC("tracepoint/tcp/tcp_send_reset")
 int kt_rst_send_tp(struct trace_event_raw_tcp_send_reset *ctx)
 {
+	const struct sock *sk = ctx->skaddr;
 	struct kt_tuple t = {};
 	__u32 reason = 0;
+	__u32 netns;
 
 	/* saddr is the side that sends the reset, also when no socket matched */
 	kt_read_sockaddr(ctx->saddr, t.saddr, &t.sport, &t.family);
 	kt_read_sockaddr(ctx->daddr, t.daddr, &t.dport, &t.family);
+
 	if (bpf_core_field_exists(ctx->reason))
 		reason = BPF_CORE_READ(ctx, reason);
-	return kt_emit_reset(ctx->skaddr, &t, reason, ctx->state, KT_RESET_SENT);
+	if (sk) {
+		netns = kt_sk_netns(sk);
+	} else {
+		/* no socket: the namespace the packet arrived in, not that of whoever is on the CPU */
+		netns = BPF_CORE_READ((const struct sk_buff *)ctx->skbaddr, dev, nd_net.net, ns.inum);
+		if (!netns)
+			netns = BPF_CORE_READ((struct task_struct *)bpf_get_current_task(), nsproxy, net_ns, ns.inum);
+	}
+	return kt_emit_reset(sk, &t, reason, ctx->state, KT_RESET_SENT, netns);
 }
 
 SEC("tracepoint/tcp/tcp_receive_reset")
@@ -516,7 +809,7 @@ int kt_rst_recv_tp(struct trace_event_raw_tcp_event_sk *ctx)
 	struct kt_tuple t = {};
 
 	kt_sk_tuple(sk, &t);
-	return kt_emit_reset(sk, &t, 0, BPF_CORE_READ(sk, __sk_common.skc_state), KT_RESET_RECEIVED);
+	return kt_emit_reset(sk, &t, 0, BPF_CORE_READ(sk, __sk_common.skc_state), KT_RESET_RECEIVED, kt_sk_netns(sk));
 }
 
 /*

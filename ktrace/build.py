@@ -26,6 +26,8 @@ ENUMS = {
     "kt_family": "KT_FAMILY_",
     "kt_attribution": "KT_ATTR_",
     "kt_reset_direction": "KT_RESET_",
+    "kt_retransmit_kind": "KT_RETX_",
+    "kt_held_sizes": "KT_",
     "kt_direction": "KT_DIR_",
     "kt_dns_message": "KT_DNS_",
     "kt_dns_role": "KT_DNS_",

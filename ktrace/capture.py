@@ -28,6 +28,7 @@ DEFAULT_MAP_SIZES = {
     "sk_owner": 65536,  # sockets remembered with their owner
     "listeners": 4096,  # listening (netns, port) pairs
     "connects": 8192,  # connect() calls in flight
+    "held_states": 8192,  # accepted sockets whose first state changes wait for accept() to name the owner
     "udp_flows": 16384,  # UDP flows counted in the kernel; idle ones are drained when it fills
     "lookups": 4096,  # threads inside a libc resolver call (dns_names)
     "udp_calls": 8192,  # send/receive syscalls in flight on UDP sockets (the syscall alternative of udp/dns)
@@ -86,6 +87,7 @@ class Capture:
             self._flows = objects["udp.bpf.o"].map("udp_flows")
             self._flows_inserted = objects["udp.bpf.o"].map("udp_flows_inserted")
         self._flows_deleted = 0
+        self._held = objects["tcp.bpf.o"].map("held_states") if "tcp.bpf.o" in objects else None
         self._drop_counts = objects["drops.bpf.o"].map("drop_counts") if "drops.bpf.o" in objects else None
         self._latency = objects.get("latency.bpf.o")
         if self._latency is not None:
@@ -128,6 +130,23 @@ class Capture:
                 if self._flows.delete(key):
                     self._flows_deleted += 1
             out.append(value)
+        return out
+
+    def held_states(self) -> list[bytes]:
+        """tcp_state records the kernel still holds for accepted sockets no process accepted in the window
+        (struct kt_held_states): read after the probes are detached, in the order they happened."""
+        if self._held is None:
+            return []
+        size = generated.TCP_STATE_EVENT.size
+        slots = next(v for v, name in generated.HELD_SIZES.items() if name == "held_states")
+        out = []
+        for key in list(self._held.keys()):
+            value = self._held.lookup(key)
+            if value is None:
+                continue
+            count = int.from_bytes(value[slots * size:slots * size + 4], "little")
+            out += [value[i * size:(i + 1) * size] for i in range(min(count, slots))]
+        out.sort(key=lambda record: int.from_bytes(record[:8], "little"))
         return out
 
     def flows_report(self) -> dict | None:

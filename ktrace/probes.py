@@ -296,13 +296,29 @@ FAMILIES: tuple[Family, ...] = (
         ),
     ),
     Family(
+        "accept",
+        "tcp.bpf.o",
+        description="accept(2) calls: the process that accepts a connection owns it from then on (the worker of "
+                    "a pre-fork server, not the master that listens)",
+        chain=(
+            Hook("tracepoint/syscalls/sys_exit_accept{,4}", ("kt_accept4_tp", "kt_accept_tp"),
+                 all_of(tracepoint("syscalls", "sys_exit_accept4"), tracepoint("syscalls", "sys_exit_accept")),
+                 "4.7"),
+            Hook("fexit/__sys_accept4", ("kt_accept_fe",), fentry("__sys_accept4"), "5.5"),
+        ),
+    ),
+    Family(
         "retransmit",
         "tcp.bpf.o",
-        description="TCP retransmitted segments, attributed to the socket's owner",
+        description="TCP retransmits (skbs with their segment count, and SYN-ACKs), attributed to the socket's "
+                    "owner",
         chain=(
-            Hook("tp_btf/tcp_retransmit_skb", ("kt_retx_btf",), tp_btf("tcp_retransmit_skb"), "5.5"),
-            Hook("tracepoint/tcp/tcp_retransmit_skb", ("kt_retx_tp",), tracepoint("tcp", "tcp_retransmit_skb"),
+            Hook("tp_btf/tcp_retransmit_{skb,synack}", ("kt_retx_btf", "kt_synack_btf"),
+                 all_of(tp_btf("tcp_retransmit_skb"), tp_btf("tcp_retransmit_synack")), "5.5"),
+            Hook("tracepoint/tcp/tcp_retransmit_{skb,synack}", ("kt_retx_tp", "kt_synack_tp"),
+                 all_of(tracepoint("tcp", "tcp_retransmit_skb"), tracepoint("tcp", "tcp_retransmit_synack")),
                  "4.16"),
+            # SYN-ACKs are not seen on this one
             Hook("kprobe/__tcp_retransmit_skb", ("kt_retx_kp",), kprobe("__tcp_retransmit_skb"), "4.1"),
         ),
     ),

@@ -1,5 +1,11 @@
 """TCP view of a window: connections, failures, sockets left in CLOSE_WAIT, hot spots.
 
+A connect that fails without an answer ends SYN_SENT -> CLOSE in one of two ways: the
+kernel gives up after its SYN retries (sk_err ETIMEDOUT, about 127 s with the default
+tcp_syn_retries) or, far more often, the application does (its own connect timeout
+closes the socket: no error, after one or more SYN retransmits). Both are counted in
+the syn_timeout family, per remote endpoint: timed_out and abandoned.
+
 Fed with event dicts as they appear in events.jsonl (live during a snapshot, or
 read back from a saved bundle), so the same rules run online and offline.
 """
@@ -42,24 +48,45 @@ class TcpAnalysis:
         self.per_process: dict[tuple[int, str], Counter] = defaultdict(Counter)
         self.refused: dict[tuple[int, str, str], Examples] = defaultdict(Examples)
         self.timeouts: dict[tuple[int, str, str], Examples] = defaultdict(Examples)
+        self.abandoned: dict[tuple[int, str, str], Examples] = defaultdict(Examples)
         self.slow: dict[tuple[int, str, str], Examples] = defaultdict(Examples)
-        self.resets: dict[tuple[int, str, str, str], Examples] = defaultdict(Examples)
+        self.resets: dict[tuple[int, str, str, str, int], Examples] = defaultdict(Examples)
         self.retransmits: dict[tuple[int, str, str], Examples] = defaultdict(Examples)
+        self.retransmit_segments: Counter[tuple[int, str, str]] = Counter()
+        # every retransmit event: skbs (kind data), the segments the kernel counted in TcpRetransSegs,
+        # SYN-ACKs (kind synack), and data retransmits that failed to go out (err != 0)
+        self.retransmitted = {"skbs": 0, "segments": 0, "synacks": 0, "failed": 0}
 
     def add(self, event: dict, line: int | None) -> None:
         kind = event["type"]
         if kind == "tcp_state":
             self._state(event, line)
         elif kind == "retransmit":
-            key = (*_proc(event), endpoint(event["daddr"], event["dport"]))
-            self.retransmits[key].add(event, line)
-            self.per_process[_proc(event)]["retransmits"] += 1
+            self._retransmit(event, line)
         elif kind == "reset":
-            # a reset with no socket (a closed port) or an unknown owner belongs to no process
+            # a reset with no socket (a closed port) or an unknown owner belongs to no process; it belongs to the
+            # namespace of its socket or packet (netns_pkt), not to that of whoever was on the CPU
             known = event["attribution"] != "cpu"
             owner = _proc(event) if known else (0, "no socket" if event["sk"] == "0x0" else "")
-            key = (*owner, event["direction"], event["reason"] or "")
+            key = (*owner, event["direction"], event["reason"] or "", event.get("netns_pkt", event["netns"]))
             self.resets[key].add(event, line)
+
+    def _retransmit(self, event: dict, line: int | None) -> None:
+        key = (*_proc(event), endpoint(event["daddr"], event["dport"]))
+        self.retransmits[key].add(event, line)
+        self.per_process[_proc(event)]["retransmits"] += 1
+        # bundles before events_schema 5 have neither: one segment per event
+        segments = event.get("segments", 1)
+        if event.get("kind", "data") == "synack":
+            self.retransmitted["synacks"] += 1
+            self.retransmitted["segments"] += 1
+        else:
+            self.retransmitted["skbs"] += 1
+            if event["err"] == 0:  # the kernel counts TcpRetransSegs only for what went out
+                self.retransmitted["segments"] += segments
+            else:
+                self.retransmitted["failed"] += 1
+        self.retransmit_segments[key] += segments
 
     def _state(self, event: dict, line: int | None) -> None:
         sk, old, new = event["sk"], event["old_state"], event["new_state"]
@@ -89,6 +116,10 @@ class TcpAnalysis:
                 elif error == "ETIMEDOUT":
                     self.timeouts[key].add(event, line)
                     self.per_process[proc]["timeouts"] += 1
+                elif error is None and event.get("syn_retransmits", 0) > 0:
+                    # closed by the application while its SYNs went unanswered: its own connect timeout
+                    self.abandoned[key].add(event, line)
+                    self.per_process[proc]["abandoned"] += 1
         if new == "CLOSE":
             self.sockets.pop(sk, None)
             return
@@ -100,6 +131,19 @@ class TcpAnalysis:
             self.sockets_overflow += 1
 
     # --- results ---
+
+    def _unanswered(self) -> dict[tuple[int, str, str], Examples]:
+        """Connects that got no answer per (pid, comm, remote): timed out and abandoned together."""
+        merged: dict[tuple[int, str, str], Examples] = {}
+        for table in (self.timeouts, self.abandoned):
+            for key, e in table.items():
+                m = merged.setdefault(key, Examples())
+                m.count += e.count
+                m.lines = sorted(m.lines + e.lines)[:MAX_LINES]
+                m.first = min(filter(None, (m.first, e.first)), default="")
+                m.last = max(m.last, e.last)
+                m.pod = m.pod or e.pod
+        return merged
 
     def close_wait(self) -> dict[tuple[int, str], list[_Socket]]:
         out: dict[tuple[int, str], list[_Socket]] = defaultdict(list)
@@ -119,6 +163,7 @@ class TcpAnalysis:
                 "accepted": sum(c["accepts"] for c in self.per_process.values()),
                 "refused": sum(e.count for e in self.refused.values()),
                 "timed_out": sum(e.count for e in self.timeouts.values()),
+                "abandoned": sum(e.count for e in self.abandoned.values()),
             },
             "handshake_ms": {
                 "count": len(hs),
@@ -133,12 +178,14 @@ class TcpAnalysis:
             ],
             "resets": [
                 {"pid": k[0] or None, "comm": (k[1] or None) if k[0] else None, "direction": k[2],
-                 "reason": k[3] or None,
+                 "reason": k[3] or None, "netns": k[4],
                  "count": e.count}
                 for k, e in sorted(self.resets.items(), key=lambda kv: -kv[1].count)
             ],
+            "retransmitted": dict(self.retransmitted),
             **capped("retransmits", [
-                {"pid": k[0], "comm": k[1], "remote": k[2], "count": e.count}
+                {"pid": k[0], "comm": k[1], "remote": k[2], "count": e.count,
+                 "segments": self.retransmit_segments[k]}
                 for k, e in sorted(self.retransmits.items(), key=lambda kv: -kv[1].count)], 20),
             "sockets_not_tracked": self.sockets_overflow,
         }
@@ -168,11 +215,21 @@ class TcpAnalysis:
                 {**g.subject(), "comm": comm, "remote": remote}, g,
                 "Nothing listens on that port (RST): check the Service/endpoint and that the server is up.",
             ))
-        for (comm, remote), g in per_remote(self.timeouts):
+        timed_out: Counter[tuple] = Counter()
+        for (_pid, comm, remote), e in self.timeouts.items():
+            timed_out[(comm, remote, e.pod)] += e.count
+        for (comm, remote), g in per_remote(self._unanswered()):
+            kernel = timed_out[(comm, remote, g.pod)]
+            abandoned = g.count - kernel
+            how = [f"{kernel} timed out"] if kernel else []
+            how += [f"{abandoned} given up by the application after SYN retransmits"] if abandoned else []
             out.append(finding(
-                "syn_timeout", "critical", f"{g.who(comm)}: {g.count} connect(s) to {remote} timed out",
-                {**g.subject(), "comm": comm, "remote": remote}, g,
-                "SYNs got no answer: a firewall/NetworkPolicy drop, a blackholed route or a dead peer.",
+                "syn_timeout", "critical",
+                f"{g.who(comm)}: {g.count} connect(s) to {remote} got no answer ({', '.join(how)})",
+                {**g.subject(), "comm": comm, "remote": remote, "timed_out": kernel, "abandoned": abandoned}, g,
+                "SYNs got no answer: a firewall/NetworkPolicy drop, a blackholed route or a dead peer. "
+                "abandoned: the application's own connect timeout closed the socket before the kernel's "
+                "(about 127 s) did.",
             ))
         for (comm, remote), g in per_remote(self.slow):
             out.append(finding(
@@ -195,23 +252,29 @@ class TcpAnalysis:
                 {**g.subject(), "comm": comm, **capped("remotes", sorted(remotes_of[comm]), 10)}, g,
                 "The peer closed but the application never closed its end: a socket/fd leak in that process.",
             ))
-        resets = grouped((pid, e, (comm, direction, reason))
-                         for (pid, comm, direction, reason), e in self.resets.items())
-        for (comm, direction, reason), g in resets:
+        resets = grouped((pid, e, (comm, direction, reason, netns))
+                         for (pid, comm, direction, reason, netns), e in self.resets.items())
+        for (comm, direction, reason, netns), g in resets:
             owned = bool(g.pids) and next(iter(g.pids)) != 0
             who = g.who(comm) if owned else comm or "unknown process"
             subject = g.subject() if owned else {"pid": None, "processes": 0, "pids": [], "pids_omitted": 0}
             out.append(finding(
                 "tcp_reset", "info" if g.count < 10 else "warning",
-                f"{who}: {g.count} reset(s) {direction}" + (f", reason {reason}" if reason else ""),
-                {**subject, "comm": comm if owned else None, "direction": direction, "reason": reason or None}, g,
+                f"{who}: {g.count} reset(s) {direction}" + (f", reason {reason}" if reason else "")
+                + f" in netns {netns}",
+                {**subject, "comm": comm if owned else None, "direction": direction, "reason": reason or None,
+                 "netns": netns}, g,
                 "NO_SOCKET: a connect to a closed port; TCP_STATE/ABORT_ON_*: an application aborted a connection.",
             ))
+        segments: Counter[tuple] = Counter()
+        for (_pid, comm, remote), e in self.retransmits.items():
+            segments[(comm, remote, e.pod)] += self.retransmit_segments[(_pid, comm, remote)]
         for (comm, remote), g in per_remote(self.retransmits):
             if g.count < RETRANSMIT_HOTSPOT:
                 continue
             out.append(finding(
-                "retransmit_hotspot", "warning", f"{g.who(comm)}: {g.count} retransmits to {remote}",
+                "retransmit_hotspot", "warning",
+                f"{g.who(comm)}: {g.count} retransmits ({segments[(comm, remote, g.pod)]} segments) to {remote}",
                 {**g.subject(), "comm": comm, "remote": remote}, g,
                 "Packets to this peer are lost or delayed: congestion, a flaky link, or drops on the path.",
             ))

@@ -38,7 +38,8 @@ LOOKUP_FAMILIES = {0: "any", 2: "ipv4", 10: "ipv6"}
 PROTOCOLS = {6: "tcp", 17: "udp"}
 SCHEMA_VERSION = 5  # 2: UDP, DNS, process, OOM, drops, sched and blockio events; 3: cgroup_path, k8s, cgroup_mkdir;
 # 4: image in k8s; 5: process (the thread group leader's comm) next to comm, sk_ino and length_prefix in DNS
-# events, conntrack.matched and conntrack.netns
+# events, conntrack.matched and conntrack.netns, retransmit kind and segments, reset netns_pkt, tcp_state
+# syn_retransmits
 
 
 def errno_name(value: int) -> str | None:
@@ -59,10 +60,10 @@ TASK_FIELDS = ("task.tgid", "task.pid", "task.ppid", "task.comm", "task.pcomm", 
 FLOW_FIELDS = ("family", "saddr", "sport", "daddr", "dport")
 # The fields each kind's formatter reads, in the order it unpacks them.
 KIND_FIELDS = {
-    "tcp_state": ("skaddr", "oldstate", "newstate", "handshake_ns", "sk_err"),
+    "tcp_state": ("skaddr", "oldstate", "newstate", "handshake_ns", "sk_err", "syn_retransmits"),
     "connect": ("skaddr", "protocol", "fd", "ret", "duration_ns"),
-    "retransmit": ("skaddr", "state", "total_retrans", "snd_cwnd", "srtt_us", "err"),
-    "reset": ("skaddr", "direction", "state", "reason"),
+    "retransmit": ("skaddr", "state", "total_retrans", "snd_cwnd", "srtt_us", "err", "segments", "kind"),
+    "reset": ("skaddr", "direction", "state", "reason", "netns"),
     "udp_flow": ("direction", "netns", "packets", "bytes", "errors", "last_error", "last_ns"),
     "dns": ("skaddr", "sk_ino", "netns", "protocol", "message", "role", "ret"),
     "dns_lookup": ("function", "name", "family", "ret", "h_errno", "latency_ns"),
@@ -230,12 +231,14 @@ class Decoder:
     # --- one formatter per kind, _fmt_<kind name>: adds the kind's own fields, returns the event type ---
 
     def _fmt_tcp_state(self, event: dict, f: tuple) -> str:
-        skaddr, oldstate, newstate, handshake_ns, sk_err = f
+        skaddr, oldstate, newstate, handshake_ns, sk_err, syn_retransmits = f
         event["sk"] = f"{skaddr:#x}"
         event["old_state"] = TCP_STATES.get(oldstate, str(oldstate))
         event["new_state"] = TCP_STATES.get(newstate, str(newstate))
-        if oldstate == 2 and handshake_ns:
-            event["handshake_ms"] = round(handshake_ns / 1e6, 3)
+        if oldstate == 2:
+            if handshake_ns:
+                event["handshake_ms"] = round(handshake_ns / 1e6, 3)
+            event["syn_retransmits"] = syn_retransmits
         if sk_err:
             event["error"] = errno_name(sk_err)
         return "tcp_state"
@@ -251,8 +254,10 @@ class Decoder:
         return "connect"
 
     def _fmt_retransmit(self, event: dict, f: tuple) -> str:
-        skaddr, state, total_retrans, snd_cwnd, srtt_us, err = f
+        skaddr, state, total_retrans, snd_cwnd, srtt_us, err, segments, retransmit_kind = f
         event["sk"] = f"{skaddr:#x}"
+        event["kind"] = generated.RETRANSMIT_KIND.get(retransmit_kind, str(retransmit_kind))
+        event["segments"] = segments
         event["state"] = TCP_STATES.get(state, str(state))
         event["total_retrans"] = total_retrans
         event["snd_cwnd"] = snd_cwnd
@@ -261,8 +266,11 @@ class Decoder:
         return "retransmit"
 
     def _fmt_reset(self, event: dict, f: tuple) -> str:
-        skaddr, direction, state, reason = f
+        skaddr, direction, state, reason, netns = f
         event["sk"] = f"{skaddr:#x}"
+        # the namespace the reset was sent or received in: with no socket (a closed port), the packet's,
+        # which differs from the task block's (whoever was on the CPU)
+        event["netns_pkt"] = netns
         event["direction"] = generated.RESET_DIRECTION.get(direction, str(direction))
         event["state"] = TCP_STATES.get(state) if state else None
         event["reason"] = self.reset_reasons.get(reason, str(reason)) if direction == 1 else None

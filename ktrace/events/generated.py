@@ -49,6 +49,15 @@ RESET_DIRECTION = {
     2: 'received',
 }
 
+RETRANSMIT_KIND = {
+    1: 'data',
+    2: 'synack',
+}
+
+HELD_SIZES = {
+    2: 'held_states',
+}
+
 DIRECTION = {
     1: 'egress',
     2: 'ingress',
@@ -549,6 +558,7 @@ TCP_STATE_EVENT = Layout(
         Field('newstate', 167, 'B', '__u8'),
         Field('attribution', 168, 'B', '__u8'),
         Field('sk_err', 169, 'B', '__u8'),
+        Field('syn_retransmits', 170, 'B', '__u8'),
     ),
 )
 
@@ -590,7 +600,7 @@ CONNECT_EVENT = Layout(
 
 RETRANSMIT_EVENT = Layout(
     'kt_retransmit_event',
-    176,
+    184,
     (
         Field('hdr.ts_ns', 0, 'Q', '__u64'),
         Field('hdr.kind', 8, 'H', '__u16'),
@@ -616,13 +626,15 @@ RETRANSMIT_EVENT = Layout(
         Field('snd_cwnd', 124, 'I', '__u32'),
         Field('srtt_us', 128, 'I', '__u32'),
         Field('err', 132, 'i', '__s32'),
-        Field('saddr', 136, '16s', '__u8[16]'),
-        Field('daddr', 152, '16s', '__u8[16]'),
-        Field('sport', 168, 'H', '__u16'),
-        Field('dport', 170, 'H', '__u16'),
-        Field('family', 172, 'H', '__u16'),
-        Field('state', 174, 'B', '__u8'),
-        Field('attribution', 175, 'B', '__u8'),
+        Field('segments', 136, 'I', '__u32'),
+        Field('saddr', 140, '16s', '__u8[16]'),
+        Field('daddr', 156, '16s', '__u8[16]'),
+        Field('sport', 172, 'H', '__u16'),
+        Field('dport', 174, 'H', '__u16'),
+        Field('family', 176, 'H', '__u16'),
+        Field('state', 178, 'B', '__u8'),
+        Field('attribution', 179, 'B', '__u8'),
+        Field('kind', 180, 'B', '__u8'),
     ),
 )
 
@@ -651,6 +663,7 @@ RESET_EVENT = Layout(
         Field('task.pcomm', 96, '16s', '__u8[16]'),
         Field('skaddr', 112, 'Q', '__u64'),
         Field('reason', 120, 'I', '__u32'),
+        Field('netns', 124, 'I', '__u32'),
         Field('saddr', 128, '16s', '__u8[16]'),
         Field('daddr', 144, '16s', '__u8[16]'),
         Field('sport', 160, 'H', '__u16'),

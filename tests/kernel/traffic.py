@@ -1,8 +1,11 @@
 """Loopback TCP traffic with known shapes, run as separate processes with their own comm.
 
-    python traffic.py server PORT_FILE      accept forever; "hold" connections are kept open
+    python traffic.py server PORT_FILE [HOST]   accept forever; "hold" connections are kept open
+    python traffic.py backlog PORT_FILE HOST    listen and never accept: connections wait in the accept queue
     python traffic.py client PORT N_OK N_REFUSED N_HOLD [CLOSED_PORT]
-    python traffic.py connect HOST PORT     one blocking connect, prints the result
+    python traffic.py connect HOST PORT         one blocking connect, prints the result
+    python traffic.py give-up HOST PORT N SECS  N connects, each closed after SECS without an answer; prints a JSON
+                                                 line: attempts, timeouts, local ports
 """
 
 from __future__ import annotations
@@ -19,11 +22,11 @@ def set_comm(name: str) -> None:
     ctypes.CDLL(None).prctl(PR_SET_NAME, name.encode(), 0, 0, 0)
 
 
-def server(port_file: str) -> None:
+def server(port_file: str, host: str = "127.0.0.1") -> None:
     set_comm("kt-server")
     srv = socket.socket()
     srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    srv.bind(("127.0.0.1", 0))
+    srv.bind((host, 0))
     srv.listen(512)
     held = []
     with open(port_file + ".tmp", "w") as f:
@@ -40,6 +43,20 @@ def server(port_file: str) -> None:
         conn.sendall(b"pong")
         conn.recv(16)  # wait for the client's FIN
         conn.close()
+
+
+def backlog(port_file: str, host: str) -> None:
+    import os
+
+    set_comm("kt-backlog")
+    srv = socket.socket()
+    srv.bind((host, 0))
+    srv.listen(64)
+    with open(port_file + ".tmp", "w") as f:
+        f.write(str(srv.getsockname()[1]))
+    os.rename(port_file + ".tmp", port_file)
+    while True:
+        time.sleep(3600)
 
 
 def client(port: int, n_ok: int, n_refused: int, n_hold: int, closed_port: int) -> None:
@@ -69,10 +86,33 @@ def connect(host: str, port: int) -> None:
     c.close()
 
 
+def give_up(host: str, port: int, n: int, seconds: float) -> None:
+    """An application with its own connect timeout: it closes the socket itself, long before the kernel would."""
+    import json
+
+    set_comm("kt-giveup")
+    timeouts, ports = 0, []
+    for _ in range(n):
+        c = socket.socket()
+        c.settimeout(seconds)
+        c.bind(("0.0.0.0", 0))
+        ports.append(c.getsockname()[1])
+        try:
+            c.connect((host, port))
+        except TimeoutError:
+            timeouts += 1
+        c.close()
+    print(json.dumps({"attempts": n, "timeouts": timeouts, "ports": ports}), flush=True)
+
+
 if __name__ == "__main__":
     role = sys.argv[1]
     if role == "server":
-        server(sys.argv[2])
+        server(*sys.argv[2:4])
+    elif role == "backlog":
+        backlog(sys.argv[2], sys.argv[3])
+    elif role == "give-up":
+        give_up(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), float(sys.argv[5]))
     elif role == "client":
         client(int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]), int(sys.argv[6]))
     elif role == "connect":

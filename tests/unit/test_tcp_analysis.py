@@ -117,7 +117,7 @@ def test_handshake_percentiles_are_nearest_rank_over_completed_handshakes_only()
 
 def test_connections_are_counted_from_both_ends():
     assert _replay(EVENTS).tcp.summary()["connections"] == {
-        "attempted": 12, "established": 9, "accepted": 9, "refused": 3, "timed_out": 0}
+        "attempted": 12, "established": 9, "accepted": 9, "refused": 3, "timed_out": 0, "abandoned": 0}
 
 
 def test_top_talkers_split_outbound_and_inbound_per_process():
@@ -128,8 +128,18 @@ def test_top_talkers_split_outbound_and_inbound_per_process():
 
 def test_resets_sent_for_a_closed_port_are_not_attributed_to_a_process():
     resets = _replay(EVENTS).tcp.summary()["resets"]
-    assert {"pid": None, "comm": None, "direction": "sent", "reason": "NO_SOCKET", "count": 3} in resets
-    assert {"pid": CLIENT_PID, "comm": "kt-client", "direction": "received", "reason": None, "count": 3} in resets
+    netns = next(e["netns_pkt"] for e in EVENTS if e["type"] == "reset")
+    assert {"pid": None, "comm": None, "direction": "sent", "reason": "NO_SOCKET", "netns": netns, "count": 3} in resets
+    assert {"pid": CLIENT_PID, "comm": "kt-client", "direction": "received", "reason": None, "netns": netns,
+            "count": 3} in resets
+
+
+def test_a_reset_with_no_socket_is_filed_under_the_packets_namespace_not_the_cpus():
+    event = copy.deepcopy(load_record("reset_sent_no_socket")["expected"])
+    event["netns"], event["netns_pkt"] = 4026531840, 4026532999  # as if a process of another namespace was on the CPU
+    analysis = _replay([event]).tcp
+    assert analysis.summary()["resets"][0]["netns"] == 4026532999
+    assert analysis.findings()[0]["subject"]["netns"] == 4026532999
 
 
 # --- edge cases, from recorded lines ---
@@ -163,6 +173,47 @@ def test_timed_out_connect_is_a_critical_syn_timeout():
     finding = analysis.findings()[0]
     assert (finding["rule"], finding["severity"]) == ("syn_timeout", "critical")
     assert finding["subject"]["remote"] == f"{event['daddr']}:{event['dport']}"
+
+
+def test_connect_the_application_gave_up_on_after_syn_retransmits_is_a_critical_syn_timeout():
+    event = load_record("tcp_state_abandoned")["expected"]
+    assert "error" not in event and event["syn_retransmits"] >= 1
+    analysis = _replay([event]).tcp
+    assert analysis.summary()["connections"]["abandoned"] == 1
+    assert analysis.summary()["connections"]["timed_out"] == 0
+    [finding] = analysis.findings()
+    assert (finding["rule"], finding["severity"]) == ("syn_timeout", "critical")
+    assert finding["subject"] == {"pid": event["pid"], "comm": event["comm"],
+                                  "remote": f"{event['daddr']}:{event['dport']}", "timed_out": 0, "abandoned": 1}
+
+
+def test_a_connect_closed_before_any_syn_retransmit_is_not_abandoned():
+    event = copy.deepcopy(load_record("tcp_state_abandoned")["expected"])
+    event["syn_retransmits"] = 0  # closed within the first RTO: nothing says the SYN went unanswered
+    analysis = _replay([event]).tcp
+    assert analysis.summary()["connections"]["abandoned"] == 0 and analysis.findings() == []
+
+
+def test_timed_out_and_abandoned_connects_to_one_remote_are_one_finding():
+    timeout = load_record("tcp_state_timeout")["expected"]
+    abandoned = copy.deepcopy(load_record("tcp_state_abandoned")["expected"])
+    assert (abandoned["daddr"], abandoned["dport"]) == (timeout["daddr"], timeout["dport"])
+    abandoned.update(pid=timeout["pid"], comm=timeout["comm"])
+    findings = [f for f in _replay([timeout, abandoned, abandoned]).tcp.findings() if f["rule"] == "syn_timeout"]
+    assert len(findings) == 1
+    assert (findings[0]["subject"]["timed_out"], findings[0]["subject"]["abandoned"]) == (1, 2)
+    assert findings[0]["evidence"]["count"] == 3 and findings[0]["evidence"]["lines"] == [1, 2, 3]
+
+
+def test_retransmits_are_counted_as_skbs_as_segments_and_as_syn_acks():
+    syn = load_record("retransmit_syn")["expected"]
+    synack = load_record("retransmit_synack")["expected"]
+    gso = {**syn, "segments": 3}  # a GSO skb of three segments
+    failed = {**syn, "err": -105}  # not sent (ENOBUFS): the kernel does not count its segments
+    summary = _replay([syn, synack, gso, failed]).tcp.summary()
+    assert summary["retransmitted"] == {"skbs": 3, "segments": 1 + 1 + 3, "synacks": 1, "failed": 1}
+    rows = {row["remote"]: row for row in summary["retransmits"]}
+    assert rows[f"{syn['daddr']}:{syn['dport']}"]["segments"] == 1 + 3 + 1
 
 
 def test_failed_handshake_time_is_not_a_slow_handshake():

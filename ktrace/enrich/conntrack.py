@@ -428,6 +428,7 @@ class NatAnalysis:
 
     def __init__(self) -> None:
         self._translations: dict[tuple, dict] = {}
+        self._omitted: set[tuple] = set()  # translations seen after MAX_TRANSLATIONS: counted, not listed
 
     def add(self, event: dict, entry: Entry) -> None:
         nat = entry.nat
@@ -437,13 +438,17 @@ class NatAnalysis:
         row = self._translations.get(key)
         if row is None:
             if len(self._translations) >= self.MAX_TRANSLATIONS:
+                self._omitted.add(key)
                 return
-            row = self._translations[key] = {"flows": set(), "events": 0, "processes": {}, "pods": {}}
+            row = self._translations[key] = {"flows": set(), "events": 0, "processes": {}, "pods": {},
+                                             "processes_omitted": set(), "pods_omitted": set()}
         row["flows"].add((entry.netns, entry.orig))
         row["events"] += 1
         pid = event.get("pid")
-        if pid and len(row["processes"]) < self.MAX_USERS:
+        if pid and (pid in row["processes"] or len(row["processes"]) < self.MAX_USERS):
             row["processes"].setdefault(pid, event.get("process") or event.get("comm"))
+        elif pid:
+            row["processes_omitted"].add(pid)
         pod = owner_pod(event)
         if pod is not None:
             users = row["pods"].get(pod["pod_uid"])
@@ -452,6 +457,8 @@ class NatAnalysis:
                                                        "pod": pod["pod"], "events": 0}
             if users is not None:
                 users["events"] += 1
+            else:
+                row["pods_omitted"].add(pod["pod_uid"])
 
     def summary(self) -> dict:
         rows = []
@@ -460,10 +467,12 @@ class NatAnalysis:
                 "protocol": proto, "original": f"{_hostport(odst, odport)}", "translated": _hostport(rsrc, rsport),
                 "nat": nat, "connections": len(row["flows"]), "events": row["events"],
                 "processes": [{"pid": pid, "comm": comm} for pid, comm in sorted(row["processes"].items())],
+                "processes_omitted": len(row["processes_omitted"]),
                 "pods": sorted(row["pods"].values(), key=lambda p: (-p["events"], p["pod_uid"])),
+                "pods_omitted": len(row["pods_omitted"]),
             })
         rows.sort(key=lambda r: (-r["connections"], r["original"], r["translated"]))
-        return {"translations": rows}
+        return {"translations": rows, "translations_omitted": len(self._omitted)}
 
 
 def _hostport(addr: str, port: int) -> str:

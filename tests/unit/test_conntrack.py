@@ -4,7 +4,15 @@ from __future__ import annotations
 
 from ktrace import schemas
 from ktrace.analyze.nat import conntrack_findings
-from ktrace.enrich.conntrack import Annotator, ConntrackReader, ConntrackTable, Entry, parse_proc_line, read_stats
+from ktrace.enrich.conntrack import (
+    Annotator,
+    ConntrackReader,
+    ConntrackTable,
+    Entry,
+    NatAnalysis,
+    parse_proc_line,
+    read_stats,
+)
 from tests.unit.conftest import fixture_summary
 
 TCP_LINE = ("ipv4     2 tcp      6 119 TIME_WAIT src=10.96.0.10 dst=10.96.0.10 sport=46280 dport=80 src=10.77.0.1 "
@@ -176,7 +184,9 @@ def test_the_nat_section_lists_vip_to_backend_with_processes():
     nat = annotator.nat_summary({"netlink": 1, "proc": 0, "failed": 0}, len(reader.table), [])
     assert nat["translations"] == [{"protocol": "tcp", "original": "10.96.0.10:80", "translated": "10.77.0.1:8080",
                                     "nat": "dnat", "connections": 1, "events": 2,
-                                    "processes": [{"pid": 7, "comm": "curl"}], "pods": []}]
+                                    "processes": [{"pid": 7, "comm": "curl"}], "processes_omitted": 0, "pods": [],
+                                    "pods_omitted": 0}]
+    assert nat["translations_omitted"] == 0
     assert nat["events_annotated"] == 2 and nat["entries"] == 1
 
 
@@ -208,8 +218,29 @@ def test_a_translation_lists_at_most_20_pods():
     for n in range(25):
         annotator.annotate({**tcp_event(), "k8s": _pod(n), "attribution": "current"})
     (row,) = annotator.nat_summary({"netlink": 1, "proc": 0, "failed": 0}, 1, [])["translations"]
-    assert row["events"] == 25 and len(row["pods"]) == 20
+    assert row["events"] == 25 and len(row["pods"]) == 20 and row["pods_omitted"] == 5
     assert {p["pod"] for p in row["pods"]} == {f"cart-{n}" for n in range(20)}  # the first ones seen
+
+
+def test_a_translation_lists_at_most_20_processes_and_says_how_many_more_used_it():
+    reader = FakeReader()
+    reader.table.update([parse_proc_line(TCP_LINE, netns=1)])
+    annotator = Annotator(reader)
+    for pid in range(100, 130):
+        annotator.annotate({**tcp_event(), "pid": pid})
+        annotator.annotate({**tcp_event(), "pid": pid})  # a process seen twice is one row, or one left out
+    (row,) = annotator.nat_summary({"netlink": 1, "proc": 0, "failed": 0}, 1, [])["translations"]
+    assert [p["pid"] for p in row["processes"]] == list(range(100, 120)) and row["processes_omitted"] == 10
+
+
+def test_translations_past_the_cap_are_counted():
+    nat = NatAnalysis()
+    for n in range(NatAnalysis.MAX_TRANSLATIONS + 3):
+        line = TCP_LINE.replace("dport=80 ", f"dport={1000 + n} ", 1)
+        assert line != TCP_LINE
+        nat.add(tcp_event(), parse_proc_line(line, netns=1))
+    summary = nat.summary()
+    assert len(summary["translations"]) == NatAnalysis.MAX_TRANSLATIONS and summary["translations_omitted"] == 3
 
 
 # /proc/net/stat/nf_conntrack of a 2-CPU node (the layout of kernel 6.18): entries is the namespace's count

@@ -183,7 +183,8 @@ def test_connect_the_application_gave_up_on_after_syn_retransmits_is_a_critical_
     assert analysis.summary()["connections"]["timed_out"] == 0
     [finding] = analysis.findings()
     assert (finding["rule"], finding["severity"]) == ("syn_timeout", "critical")
-    assert finding["subject"] == {"pid": event["pid"], "comm": event["comm"],
+    assert finding["subject"] == {"pid": event["pid"], "comm": event["comm"], "processes": 1,
+                                  "pids": [{"pid": event["pid"], "count": 1}], "pids_omitted": 0,
                                   "remote": f"{event['daddr']}:{event['dport']}", "timed_out": 0, "abandoned": 1}
 
 

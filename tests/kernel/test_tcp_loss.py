@@ -195,7 +195,8 @@ def test_a_client_giving_up_on_a_black_holed_port_is_a_syn_timeout_finding_with_
     findings = [f for f in bundle.summary["findings"] if f["rule"] == "syn_timeout"]
     assert len(findings) == 1
     assert findings[0]["subject"] == {"pid": proc_pid[0], "comm": "kt-giveup", "remote": f"{SERVER_ADDR}:{port}",
-                                      "timed_out": 0, "abandoned": attempts}
+                                      "processes": 1, "pids": [{"pid": proc_pid[0], "count": attempts}],
+                                      "pids_omitted": 0, "timed_out": 0, "abandoned": attempts}
     assert findings[0]["severity"] == "critical" and findings[0]["evidence"]["count"] == attempts
     assert {e["sport"] for e in closes} == set(result["ports"])
 

@@ -133,8 +133,9 @@ class Capture:
         return out
 
     def held_states(self) -> list[bytes]:
-        """tcp_state records the kernel still holds for accepted sockets no process accepted in the window
-        (struct kt_held_states): read after the probes are detached, in the order they happened."""
+        """tcp_state records the kernel still holds (struct kt_held_states): of accepted sockets no process accepted
+        in the window (with their listener), and with --sample, SYN_SENTs whose local port was not known yet (with
+        port 0). Read after the probes are detached, in the order they happened."""
         if self._held is None:
             return []
         size = generated.TCP_STATE_EVENT.size

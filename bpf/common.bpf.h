@@ -85,19 +85,12 @@ static __always_inline bool kt_ports_allow(__u16 sport, __u16 dport)
 	return bpf_map_lookup_elem(&ports, &sport) || bpf_map_lookup_elem(&ports, &dport);
 }
 
-/* A fresh 1-in-N sampling decision for a new flow. */
-static __always_inline bool kt_sample_flow(void)
-{
-	if (kt_sample_every <= 1)
-		return true;
-	return bpf_get_prandom_u32() % kt_sample_every == 0;
-}
-
 /*
  * The 1-in-N sampling decision of a flow, from its two ports only and the same
  * at both ends: the ports are put in order first, so a client and the server it
  * talks to (in two namespaces of one node, or on two nodes each running ktrace)
- * keep or drop the flow together, and its queries and replies pair up. The
+ * keep or drop the flow together: a DNS query and its reply, the two halves of
+ * one TCP connection. The
  * addresses are left out on purpose: a server bound to the wildcard address sees
  * 0.0.0.0 where its client sees the server's address, and a Service's DNAT shows
  * the client a virtual IP the server never sees. Ports survive both (a NAT that

@@ -51,11 +51,14 @@ struct kt_sock {
 	__u8 attribution;	/* enum kt_attribution of task */
 	__u8 sampled;		/* the flow's sampling decision: 1 = keep */
 	__u8 held;		/* state changes of it wait in held_states */
-	__u8 _pad[5];
+	__u8 undecided;		/* --sample: a connecting socket waits for its local port to decide */
+	__u8 _pad[4];
 };
 
 /*
- * Socket address → owner and sampling decision.
+ * Socket address → owner and sampling decision (kt_sample_ports of the
+ * socket's two ports, so both ends of a connection on this node agree; a
+ * listening socket is no flow and is always kept).
  * Inserted at a socket's first event (reset at SYN_SENT, LISTEN and LISTEN →
  * SYN_RECV, where a socket address starts a new life); set to the caller by
  * accept() and by every state change made by a syscall on the socket; deleted
@@ -87,11 +90,15 @@ struct {
 } listeners SEC(".maps");
 
 /*
- * Socket address → its state changes held until accept() (struct kt_held_states).
- * Inserted at LISTEN → SYN_RECV of a socket no process owns yet; deleted when
- * they are sent: at accept(), at the socket's next event, or read by user space
- * after the window. A plain hash, not an LRU: when it is full, the changes are
- * sent at once (attributed to the listener) instead of being evicted and lost.
+ * Socket address → its state changes held until accept() (struct kt_held_states),
+ * or, with --sample, a connecting socket's SYN_SENT held until its local port is
+ * known (kt_settle).
+ * Inserted at LISTEN → SYN_RECV of a socket no process owns yet, and at SYN_SENT
+ * of a socket with no local port yet; deleted when they are sent (or, for a
+ * SYN_SENT, counted sampled out): at accept(), at the socket's next event or
+ * connect() return, or read by user space after the window. A plain hash, not
+ * an LRU: when it is full, the changes are sent at once (attributed to the
+ * listener) instead of being evicted and lost.
  */
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
@@ -111,11 +118,8 @@ struct {
 struct kt_connect_args {
 	__u64 ts;
 	__u64 uaddr;		/* struct sockaddr __user * */
-	__u64 skaddr;		/* set by the SYN_SENT change inside this connect */
 	__s32 fd;
-	__u8 sampled;		/* sampling decision taken at SYN_SENT */
-	__u8 decided;
-	__u8 _pad[2];
+	__u32 _pad;
 };
 
 /*
@@ -157,24 +161,28 @@ static __always_inline void kt_guess_owner(struct kt_sock *o, const struct sock 
 }
 
 /*
- * The remembered owner of sk, inserting one (with a fresh sampling decision) if
+ * The remembered owner of sk, inserting one (decided by the ports of t) if
  * unknown. Falls back to *scratch when the map cannot take the entry.
  */
-static __always_inline struct kt_sock *kt_owner_of(const struct sock *sk, __u16 sport, struct kt_sock *scratch)
+static __always_inline struct kt_sock *kt_owner_of(const struct sock *sk, const struct kt_tuple *t,
+						   struct kt_sock *scratch)
 {
 	__u64 key = (__u64)sk;
 	struct kt_sock *o = bpf_map_lookup_elem(&sk_owner, &key);
 
 	if (o)
 		return o;
-	kt_guess_owner(scratch, sk, sport);
-	scratch->sampled = kt_sample_flow();
+	kt_guess_owner(scratch, sk, t->sport);
+	scratch->sampled = kt_sample_ports(t->sport, t->dport);
 	bpf_map_update_elem(&sk_owner, &key, scratch, BPF_ANY);
 	o = bpf_map_lookup_elem(&sk_owner, &key);
 	return o ? o : scratch;
 }
 
-/* Send the state changes held for sk, as changes of owner (by accept() or by the socket's next event). */
+/*
+ * Send the state changes held for sk, as changes of owner (by accept() or by the
+ * socket's next event); with owner NULL, as the task that made them.
+ */
 static __always_inline void kt_release_held(__u64 key, const struct kt_task *owner, __u8 attribution)
 {
 	struct kt_held_states *h = bpf_map_lookup_elem(&held_states, &key);
@@ -192,8 +200,10 @@ static __always_inline void kt_release_held(__u64 key, const struct kt_task *own
 			continue;
 		/* the header too: the event keeps the time it happened */
 		__builtin_memcpy(e, &h->events[i], sizeof(*e));
-		e->task = *owner;
-		e->attribution = attribution;
+		if (owner) {
+			e->task = *owner;
+			e->attribution = attribution;
+		}
 		kt_submit(e, sizeof(*e));
 	}
 	bpf_map_delete_elem(&held_states, &key);
@@ -223,6 +233,71 @@ static __always_inline bool kt_hold(__u64 key, const struct kt_tcp_state_event *
 	return bpf_map_update_elem(&held_states, &key, h, BPF_NOEXIST) == 0;
 }
 
+/*
+ * --sample: keep a connecting socket's SYN_SENT until its local port is known.
+ * tcp_v4_connect()/tcp_v6_connect() enter SYN_SENT before inet_hash_connect()
+ * picks the port, so there is nothing to hash yet. False when it cannot be held
+ * (map full, or an entry of a previous life of the address): the caller sends it.
+ */
+static __always_inline bool kt_hold_syn(__u64 key, const struct kt_tcp_state_event *e)
+{
+	struct kt_held_states *h;
+	__u32 zero = 0;
+
+	h = bpf_map_lookup_elem(&held_scratch, &zero);
+	if (!h)
+		return false;
+	__builtin_memcpy(&h->events[0], e, sizeof(*e));
+	h->count = 1;
+	return bpf_map_update_elem(&held_states, &key, h, BPF_NOEXIST) == 0;
+}
+
+/*
+ * The local port of a connecting socket is known now (connect() returned, or
+ * the socket's next state change, SYN retransmit or reset): decide by the two
+ * ports, as the other end does, and send the SYN_SENT held for it (with the port
+ * it got) or count it sampled out.
+ */
+static __always_inline void kt_settle(__u64 key, struct kt_sock *o, const struct kt_tuple *t)
+{
+	struct kt_held_states *h;
+	struct kt_tcp_state_event *e;
+
+	/* the decision first: a change on another CPU that sees the socket decided acts on it */
+	o->sampled = kt_sample_ports(t->sport, t->dport);
+	o->undecided = 0;
+	if (!o->held)
+		return;		/* it could not be held and was sent at once */
+	o->held = 0;
+	/*
+	 * connect() returning and the handshake's end in softirq can settle the
+	 * same socket at once on two CPUs: whoever deletes the held entry sends or
+	 * counts it, so it is written or counted exactly once.
+	 */
+	if (!o->sampled) {
+		if (bpf_map_delete_elem(&held_states, &key) == 0)
+			kt_count(KT_FAMILY_TCP_STATE, sampled_out);
+		return;
+	}
+	h = bpf_map_lookup_elem(&held_states, &key);
+	if (!h)
+		return;
+	e = bpf_ringbuf_reserve(&events, sizeof(*e), 0);
+	if (!e) {
+		if (bpf_map_delete_elem(&held_states, &key) == 0)
+			kt_count(KT_FAMILY_TCP_STATE, ringbuf_full);
+		return;
+	}
+	/* the header too: the event keeps the time it happened */
+	__builtin_memcpy(e, &h->events[0], sizeof(*e));
+	if (!e->sport)
+		e->sport = t->sport;
+	if (bpf_map_delete_elem(&held_states, &key) == 0)
+		kt_submit(e, sizeof(*e));
+	else
+		bpf_ringbuf_discard(e, BPF_RB_NO_WAKEUP);
+}
+
 static __always_inline void kt_fill_state(struct kt_tcp_state_event *e, const struct sock *sk, const struct kt_tuple *t,
 					  const struct kt_sock *o, bool by_owner, int oldstate, int newstate, __u64 now)
 {
@@ -244,18 +319,52 @@ static __always_inline void kt_fill_state(struct kt_tcp_state_event *e, const st
 	__builtin_memset(e->_pad, 0, sizeof(e->_pad));
 }
 
+/* A state change built where a held entry is built (held_scratch), with its header: for kt_hold and kt_hold_syn. */
+static __always_inline struct kt_tcp_state_event *kt_state_to_hold(const struct sock *sk, const struct kt_tuple *t,
+								   const struct kt_sock *o, bool by_owner,
+								   int oldstate, int newstate, __u64 now)
+{
+	struct kt_held_states *scratch;
+	struct kt_tcp_state_event *e;
+	__u32 zero = 0;
+
+	scratch = bpf_map_lookup_elem(&held_scratch, &zero);
+	if (!scratch)
+		return NULL;
+	e = &scratch->events[1];
+	kt_fill_state(e, sk, t, o, by_owner, oldstate, newstate, now);
+	e->hdr.ts_ns = now;
+	e->hdr.kind = KT_KIND_TCP_STATE;
+	e->hdr.size = sizeof(*e);
+	e->hdr.cpu = bpf_get_smp_processor_id();
+	return e;
+}
+
+/* Send a copy of a state change built by kt_state_to_hold. */
+static __always_inline void kt_send_copy(const struct kt_tcp_state_event *built)
+{
+	struct kt_tcp_state_event *e = kt_reserve(KT_FAMILY_TCP_STATE, KT_KIND_TCP_STATE, sizeof(*e));
+
+	if (!e)
+		return;
+	__builtin_memcpy(e, built, sizeof(*e));
+	kt_submit(e, sizeof(*e));
+}
+
 static __always_inline int kt_handle_state(const struct sock *sk, int oldstate, int newstate)
 {
 	struct kt_tcp_state_event *e;
-	struct kt_held_states *scratch;
 	struct kt_tuple t = {};
 	struct kt_sock fresh = {};
 	struct kt_sock *o;
 	__u64 key = (__u64)sk;
 	__u64 now = bpf_ktime_get_boot_ns();
-	__u32 zero = 0;
 	bool accepted_child = oldstate == KT_TCP_LISTEN && newstate == KT_TCP_SYN_RECV;
 	bool born = newstate == KT_TCP_SYN_SENT || newstate == KT_TCP_LISTEN || accepted_child;
+	/* a listening socket is no flow: always kept (they are few, and accepted sockets name their listener) */
+	bool listening = newstate == KT_TCP_LISTEN || (oldstate == KT_TCP_LISTEN && newstate == KT_TCP_CLOSE);
+	/* --sample and a connecting socket with no local port yet: its decision waits for the port */
+	bool wait_port = kt_sample_every > 1 && newstate == KT_TCP_SYN_SENT;
 	/* the owner itself is making this change, in a syscall on the socket */
 	bool by_owner = kt_change_by_owner(oldstate, newstate);
 
@@ -281,13 +390,22 @@ static __always_inline int kt_handle_state(const struct sock *sk, int oldstate, 
 			kt_count(KT_FAMILY_TCP_STATE, filtered);
 			return 0;
 		}
-		fresh.sampled = kt_sample_flow();
+		if (listening) {
+			fresh.sampled = 1;
+		} else {
+			fresh.sampled = kt_sample_ports(t.sport, t.dport);
+			wait_port = wait_port && !t.sport;
+			fresh.undecided = wait_port;
+		}
 		if (newstate != KT_TCP_CLOSE) {
 			bpf_map_update_elem(&sk_owner, &key, &fresh, BPF_ANY);
 			o = bpf_map_lookup_elem(&sk_owner, &key);
 		}
-		if (!o)
+		if (!o) {
+			/* not remembered: nothing would settle it later, so it is decided now */
+			wait_port = false;
 			o = &fresh;
+		}
 	} else if (by_owner) {
 		/*
 		 * Whoever acts on the socket in a syscall owns it from now on: the
@@ -302,20 +420,11 @@ static __always_inline int kt_handle_state(const struct sock *sk, int oldstate, 
 			o->attribution = KT_ATTR_SOCKET_OWNER;
 		}
 	}
+	if (kt_sample_every > 1 && o->undecided && !born)
+		kt_settle(key, o, &t);
 
-	if (newstate == KT_TCP_SYN_SENT) {
-		struct kt_connect_args *args;
-		__u64 id = bpf_get_current_pid_tgid();
-
+	if (newstate == KT_TCP_SYN_SENT)
 		o->syn_ts = now;
-		/* hand the flow's sampling decision to the connect() in flight */
-		args = bpf_map_lookup_elem(&connects, &id);
-		if (args) {
-			args->skaddr = key;
-			args->sampled = o->sampled;
-			args->decided = 1;
-		}
-	}
 	if (newstate == KT_TCP_LISTEN) {
 		struct kt_listen_key lk = { .netns = kt_sk_netns(sk), .port = t.sport };
 
@@ -326,7 +435,21 @@ static __always_inline int kt_handle_state(const struct sock *sk, int oldstate, 
 		bpf_map_delete_elem(&listeners, &lk);
 	}
 
-	if (!o->sampled) {
+	if (wait_port) {
+		e = kt_state_to_hold(sk, &t, o, by_owner, oldstate, newstate, now);
+		if (!e)
+			goto out;
+		/* a previous life of this socket address left changes held: they go out first, as they were */
+		kt_release_held(key, NULL, 0);
+		if (kt_hold_syn(key, e)) {
+			o->held = 1;
+			goto out;
+		}
+		/* nowhere to hold it: sent now; the socket's later events are still decided by its ports */
+		kt_send_copy(e);
+		goto out;
+	}
+	if (!o->sampled && !listening) {
 		kt_count(KT_FAMILY_TCP_STATE, sampled_out);
 		goto out;
 	}
@@ -337,15 +460,9 @@ static __always_inline int kt_handle_state(const struct sock *sk, int oldstate, 
 			/* a new life of this socket address: what a previous one left behind goes out first */
 			kt_release_held(key, &o->task, o->attribution);
 		}
-		scratch = bpf_map_lookup_elem(&held_scratch, &zero);
-		if (!scratch)
+		e = kt_state_to_hold(sk, &t, o, by_owner, oldstate, newstate, now);
+		if (!e)
 			goto out;
-		e = &scratch->events[1];
-		kt_fill_state(e, sk, &t, o, by_owner, oldstate, newstate, now);
-		e->hdr.ts_ns = now;
-		e->hdr.kind = KT_KIND_TCP_STATE;
-		e->hdr.size = sizeof(*e);
-		e->hdr.cpu = bpf_get_smp_processor_id();
 		if (kt_hold(key, e)) {
 			o->held = 1;
 			goto out;
@@ -353,14 +470,9 @@ static __always_inline int kt_handle_state(const struct sock *sk, int oldstate, 
 		/* nowhere to hold it: send what waits, then this change */
 		kt_release_held(key, &o->task, o->attribution);
 		o->held = 0;
-		scratch = bpf_map_lookup_elem(&held_scratch, &zero);
-		if (!scratch)
-			goto out;
-		e = kt_reserve(KT_FAMILY_TCP_STATE, KT_KIND_TCP_STATE, sizeof(*e));
-		if (!e)
-			goto out;
-		__builtin_memcpy(e, &scratch->events[1], sizeof(*e));
-		kt_submit(e, sizeof(*e));
+		e = kt_state_to_hold(sk, &t, o, by_owner, oldstate, newstate, now);
+		if (e)
+			kt_send_copy(e);
 		goto out;
 	}
 	if (o->held) {
@@ -445,7 +557,6 @@ static __always_inline int kt_connect_exit(long ret)
 	__u64 now = bpf_ktime_get_boot_ns();
 	__u16 protocol = 0;
 	__u16 port = 0;
-	bool sampled;
 
 	args = bpf_map_lookup_elem(&connects, &id);
 	if (!args)
@@ -472,8 +583,16 @@ static __always_inline int kt_connect_exit(long ret)
 		kt_count(KT_FAMILY_CONNECT, filtered);
 		goto done;
 	}
-	sampled = args->decided ? args->sampled : kt_sample_flow();
-	if (!sampled) {
+	if (kt_sample_every > 1 && protocol == IPPROTO_TCP) {
+		/* the local port is known now: the socket's SYN_SENT waited for it */
+		__u64 key = (__u64)sk;
+		struct kt_sock *o = bpf_map_lookup_elem(&sk_owner, &key);
+
+		if (o && o->undecided)
+			kt_settle(key, o, &t);
+	}
+	/* by the ports, as the socket's own events and the other end decide */
+	if (!kt_sample_ports(t.sport, t.dport)) {
 		kt_count(KT_FAMILY_CONNECT, sampled_out);
 		goto done;
 	}
@@ -551,7 +670,7 @@ static __always_inline int kt_accept_exit(long fd)
 			return 0;
 		kt_fill_current(&fresh.task);
 		fresh.attribution = KT_ATTR_SOCKET_OWNER;
-		fresh.sampled = kt_sample_flow();
+		fresh.sampled = kt_sample_ports(t.sport, t.dport);
 		bpf_map_update_elem(&sk_owner, &key, &fresh, BPF_ANY);
 		kt_release_held(key, &fresh.task, KT_ATTR_SOCKET_OWNER);
 		return 0;
@@ -607,7 +726,9 @@ static __always_inline int kt_handle_retransmit(const struct sock *sk, const str
 		kt_count(KT_FAMILY_RETRANSMIT, filtered);
 		return 0;
 	}
-	o = kt_owner_of(sk, t.sport, &scratch);
+	o = kt_owner_of(sk, &t, &scratch);
+	if (kt_sample_every > 1 && o->undecided)
+		kt_settle((__u64)sk, o, &t);	/* a SYN sent again: the port is known */
 	if (!o->sampled) {
 		kt_count(KT_FAMILY_RETRANSMIT, sampled_out);
 		return 0;
@@ -659,9 +780,9 @@ static __always_inline int kt_handle_synack(const struct sock *sk, const struct 
 		kt_count(KT_FAMILY_RETRANSMIT, filtered);
 		return 0;
 	}
-	/* the request has no owner of its own yet: the listener's */
-	o = kt_owner_of(sk, t.sport, &scratch);
-	if (!o->sampled) {
+	/* the request has no owner of its own yet: the listener's; the decision is the request's, by its ports */
+	o = kt_owner_of(sk, &t, &scratch);
+	if (!kt_sample_ports(t.sport, t.dport)) {
 		kt_count(KT_FAMILY_RETRANSMIT, sampled_out);
 		return 0;
 	}
@@ -724,6 +845,7 @@ static __always_inline int kt_emit_reset(const struct sock *sk, struct kt_tuple 
 	struct kt_reset_event *e;
 	struct kt_sock scratch = {};
 	struct kt_sock *o = NULL;
+	bool sampled;
 
 	kt_count(KT_FAMILY_RESET, seen);
 	if (!kt_ports_allow(t->sport, t->dport)) {
@@ -731,12 +853,17 @@ static __always_inline int kt_emit_reset(const struct sock *sk, struct kt_tuple 
 		return 0;
 	}
 	if (sk) {
-		o = kt_owner_of(sk, t->sport, &scratch);
-		if (!o->sampled) {
-			kt_count(KT_FAMILY_RESET, sampled_out);
-			return 0;
-		}
-	} else if (!kt_sample_flow()) {
+		o = kt_owner_of(sk, t, &scratch);
+		if (kt_sample_every > 1 && o->undecided)
+			kt_settle((__u64)sk, o, t);	/* a reset in SYN_SENT: the port is known */
+	}
+	if (sk && state != KT_TCP_LISTEN) {
+		sampled = o->sampled;		/* the socket's decision */
+	} else {
+		/* no socket (a closed port), or a listener's for a packet: by the packet's ports */
+		sampled = kt_sample_ports(t->sport, t->dport);
+	}
+	if (!sampled) {
 		kt_count(KT_FAMILY_RESET, sampled_out);
 		return 0;
 	}
@@ -856,10 +983,12 @@ int kt_iter_socks(struct bpf_iter__task_file *ctx)
 	} else {
 		__u64 key = (__u64)sk;
 		struct kt_sock owner = {};
+		struct kt_tuple t = {};
 
 		kt_fill_task(&owner.task, task);
+		kt_sk_tuple(sk, &t);
 		owner.attribution = KT_ATTR_SOCKET_OWNER;
-		owner.sampled = kt_sample_flow();
+		owner.sampled = kt_sample_ports(t.sport, t.dport);
 		bpf_map_update_elem(&sk_owner, &key, &owner, BPF_NOEXIST);
 	}
 	return 0;

@@ -114,6 +114,8 @@ enum kt_held_sizes {
  * wait in the kernel (map held_states) for the accept() that names the worker
  * owning the socket, or for the socket's next event, and are then sent with
  * that owner; what still waits when the window ends is read by user space.
+ * With --sample, a connecting socket's SYN_SENT waits here too (count 1) until
+ * its local port is known and decides whether the connection is kept.
  */
 struct kt_held_states {
 	struct kt_tcp_state_event events[KT_HELD_STATES];

@@ -28,7 +28,7 @@ DEFAULT_MAP_SIZES = {
     "sk_owner": 65536,  # sockets remembered with their owner
     "listeners": 4096,  # listening (netns, port) pairs
     "connects": 8192,  # connect() calls in flight
-    "held_states": 8192,  # accepted sockets whose first state changes wait for accept() to name the owner
+    "held_states": 8192,  # accepted sockets waiting for accept() to name the owner; --sample: SYN_SENTs for a port
     "udp_flows": 16384,  # UDP flows counted in the kernel; idle ones are drained when it fills
     "lookups": 4096,  # threads inside a libc resolver call (dns_names)
     "udp_calls": 8192,  # send/receive syscalls in flight on UDP sockets (the syscall alternative of udp/dns)
@@ -133,8 +133,9 @@ class Capture:
         return out
 
     def held_states(self) -> list[bytes]:
-        """tcp_state records the kernel still holds for accepted sockets no process accepted in the window
-        (struct kt_held_states): read after the probes are detached, in the order they happened."""
+        """tcp_state records the kernel still holds (struct kt_held_states): of accepted sockets no process accepted
+        in the window (with their listener), and with --sample, SYN_SENTs whose local port was not known yet (with
+        port 0). Read after the probes are detached, in the order they happened."""
         if self._held is None:
             return []
         size = generated.TCP_STATE_EVENT.size

@@ -187,9 +187,9 @@ def cli() -> None:
               help="UDP flows counted in the kernel at once (about 300 bytes each). When the map fills, idle "
                    "flows are read out early and new flows' datagrams cross the ring buffer one by one.")
 @click.option("--sample", type=click.IntRange(min=1), default=1, show_default=True,
-              help="Keep 1 flow in N, decided in the kernel; a kept flow keeps all its events. UDP and DNS flows "
-                   "are decided by their ports, the same at both ends; TCP per socket. Process, OOM, drop, sched "
-                   "and blockio events are never sampled.")
+              help="Keep 1 flow in N, decided in the kernel by a hash of its two ports, the same at both ends of "
+                   "a connection or a DNS exchange; a kept flow keeps all its events, listening sockets are always "
+                   "kept. Process, OOM, drop, sched and blockio events are never sampled.")
 @click.option("--max-events", type=click.IntRange(min=0), default=None,
               help="Write at most this many events; the rest are counted as capped. [default: no limit]")
 @click.option("--max-bytes", type=Size(), default=None,

@@ -286,7 +286,7 @@ def run(opts: SnapshotOptions) -> SnapshotResult:
         counters = cap.counters()
         process_counts = cap.process_counts()
         recorder.records(cap.drain())
-        recorder.records(cap.held_states())  # accepted sockets no accept() took: written with their listener
+        recorder.records(cap.held_states())  # what still waits in the kernel: written, never lost
         recorder.records(cap.flows())  # before conntrack's last read, which then covers the flows' namespaces
         if reader is not None:
             reader.stop()  # joins the thread and reads once more: the window's last connections

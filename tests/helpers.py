@@ -112,6 +112,19 @@ def read_bundle(out_dir: Path) -> Bundle:
                   orjson.loads(paths["node.json"].read_bytes()), paths)
 
 
+def kept_by_ports(port_a: int, port_b: int, every: int) -> bool:
+    """--sample's decision for a flow (bpf/common.bpf.h kt_sample_ports, as documented in the README): murmur3's
+    finalizer over the two ports in order, kept when it is 0 modulo every."""
+    lo, hi = sorted((port_a, port_b))
+    h = lo << 16 | hi
+    h ^= h >> 16
+    h = h * 0x85EBCA6B & 0xFFFFFFFF
+    h ^= h >> 13
+    h = h * 0xC2B2AE35 & 0xFFFFFFFF
+    h ^= h >> 16
+    return h % every == 0
+
+
 class Ktrace:
     """`ktrace` run as a user runs it, in a subprocess; started() returns once the probes are attached."""
 

@@ -18,8 +18,8 @@ from ktrace.analyze.udp import UdpAnalysis
 SCHEMA = "ktrace.summary/1"
 LOSS_KINDS = ("filtered", "sampled_out", "ringbuf_full", "capped", "disk_full", "undecodable")
 # The families --sample narrows, and what one keep-or-drop decision covers: "ports", a flow by its two ports, the
-# same at both ends (bpf/common.bpf.h kt_sample_ports); "socket", every event of one TCP socket (bpf/tcp.bpf.c).
-SAMPLED_FAMILIES = {"tcp_state": "socket", "connect": "socket", "retransmit": "socket", "reset": "socket",
+# same at both ends (bpf/common.bpf.h kt_sample_ports; a TCP socket's events all follow its decision).
+SAMPLED_FAMILIES = {"tcp_state": "ports", "connect": "ports", "retransmit": "ports", "reset": "ports",
                     "udp": "ports", "dns": "ports"}
 SEVERITY_ORDER = {"critical": 0, "warning": 1, "info": 2}
 TOP_TALKERS = 10  # TCP processes listed, the most connections first

@@ -13,22 +13,10 @@ import pytest
 
 from ktrace.analyze.dns import is_message
 from tests.dnsservers import SERVER_ADDR, FakeDns, NetnsPair
-from tests.helpers import Ktrace
+from tests.helpers import Ktrace, kept_by_ports
 
 EVERY = 4
 QUERIES = 40
-
-
-def kept_by_ports(port_a: int, port_b: int, every: int) -> bool:
-    """kt_sample_ports, as documented in the README: murmur3's finalizer over the two ports in order."""
-    lo, hi = sorted((port_a, port_b))
-    h = lo << 16 | hi
-    h ^= h >> 16
-    h = h * 0x85EBCA6B & 0xFFFFFFFF
-    h ^= h >> 13
-    h = h * 0xC2B2AE35 & 0xFFFFFFFF
-    h ^= h >> 16
-    return h % every == 0
 
 
 @pytest.fixture
@@ -77,7 +65,7 @@ def test_sampled_dns_keeps_or_drops_both_ends_of_each_exchange_together(tmp_path
     summary = bundle.summary
     assert summary["sampling"]["every"] == EVERY
     decisions = {row["family"]: row["decision"] for row in summary["sampling"]["families"]}
-    assert decisions["dns"] == "ports" and decisions["udp"] == "ports" and decisions["tcp_state"] == "socket"
+    assert decisions["dns"] == "ports" and decisions["udp"] == "ports" and decisions["tcp_state"] == "ports"
     assert summary["dns"]["sample_every"] == EVERY and summary["udp"]["sample_every"] == EVERY
     # each exchange left out is 4 DNS messages: query and reply, at each end
     assert summary["losses"]["by_family"]["dns"]["sampled_out"] >= 4 * (QUERIES - len(kept))

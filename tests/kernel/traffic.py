@@ -4,8 +4,14 @@
     python traffic.py backlog PORT_FILE HOST    listen and never accept: connections wait in the accept queue
     python traffic.py client PORT N_OK N_REFUSED N_HOLD [CLOSED_PORT]
     python traffic.py connect HOST PORT         one blocking connect, prints the result
+    python traffic.py wait-connect HOST PORT    one connect() on a blocking socket with no timeout (Python polls a
+                                                 socket with a timeout without blocking in connect())
     python traffic.py give-up HOST PORT N SECS  N connects, each closed after SECS without an answer; prints a JSON
                                                  line: attempts, timeouts, local ports
+    python traffic.py pings HOST PORT N CLOSED_PORT M
+                                                N ping/pong connections to a traffic.py server, every other one
+                                                 connected non-blocking, then M connects to CLOSED_PORT (refused);
+                                                 prints their local ports: {"ok": [...], "refused": [...]}
 """
 
 from __future__ import annotations
@@ -86,6 +92,12 @@ def connect(host: str, port: int) -> None:
     c.close()
 
 
+def wait_connect(host: str, port: int) -> None:
+    set_comm("kt-connect")
+    socket.socket().connect((host, port))
+    print("connected", flush=True)
+
+
 def give_up(host: str, port: int, n: int, seconds: float) -> None:
     """An application with its own connect timeout: it closes the socket itself, long before the kernel would."""
     import json
@@ -105,6 +117,37 @@ def give_up(host: str, port: int, n: int, seconds: float) -> None:
     print(json.dumps({"attempts": n, "timeouts": timeouts, "ports": ports}), flush=True)
 
 
+def pings(host: str, port: int, n: int, closed_port: int, m: int) -> None:
+    """A blocking connect() returns after the handshake; a non-blocking one returns (EINPROGRESS) before it."""
+    import errno
+    import json
+    import select
+
+    set_comm("kt-pings")
+    ports = []
+    for i in range(n):
+        c = socket.socket()
+        if i % 2:
+            c.setblocking(False)
+            assert c.connect_ex((host, port)) == errno.EINPROGRESS
+            select.select([], [c], [], 10)
+            assert c.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) == 0
+            c.setblocking(True)
+        else:
+            c.connect((host, port))
+        ports.append(c.getsockname()[1])
+        c.sendall(b"ping")
+        c.recv(16)
+        c.close()
+    refused = []
+    for _ in range(m):
+        c = socket.socket()
+        assert c.connect_ex((host, closed_port)) == errno.ECONNREFUSED
+        refused.append(c.getsockname()[1])  # the port it had: the kernel keeps it in the socket after the refusal
+        c.close()
+    print(json.dumps({"ok": ports, "refused": refused}), flush=True)
+
+
 if __name__ == "__main__":
     role = sys.argv[1]
     if role == "server":
@@ -115,6 +158,10 @@ if __name__ == "__main__":
         give_up(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), float(sys.argv[5]))
     elif role == "client":
         client(int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]), int(sys.argv[6]))
+    elif role == "pings":
+        pings(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]), int(sys.argv[6]))
+    elif role == "wait-connect":
+        wait_connect(sys.argv[2], int(sys.argv[3]))
     elif role == "connect":
         connect(sys.argv[2], int(sys.argv[3]))
     else:

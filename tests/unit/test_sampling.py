@@ -14,5 +14,5 @@ def test_without_sampling_nothing_is_listed():
 
 def test_sampling_lists_the_families_that_ran_and_what_each_decides_on():
     assert sampling(10, PROBES) == {"every": 10, "families": [
-        {"family": "tcp_state", "decision": "socket"}, {"family": "connect", "decision": "socket"},
+        {"family": "tcp_state", "decision": "ports"}, {"family": "connect", "decision": "ports"},
         {"family": "udp", "decision": "ports"}, {"family": "dns", "decision": "ports"}]}

@@ -28,7 +28,7 @@ static __always_inline struct kt_cgroup_mkdir_event *kt_mkdir_reserve(void)
 
 	/* ktrace's own cgroups too: a cgroup is named whoever made it */
 	kt_count(KT_FAMILY_CGROUPS, seen);
-	e = kt_reserve(KT_FAMILY_CGROUPS, KT_KIND_CGROUP_MKDIR, sizeof(*e));
+	e = kt_reserve_rare(KT_FAMILY_CGROUPS, KT_KIND_CGROUP_MKDIR, sizeof(*e));
 	if (!e)
 		return NULL;
 	kt_fill_current(&e->task);
@@ -47,7 +47,7 @@ int BPF_PROG(kt_cgroup_mkdir_btf, struct cgroup *cgrp, const char *path)
 	e->level = BPF_CORE_READ(cgrp, level);
 	if (bpf_probe_read_kernel_str(e->path, sizeof(e->path), path) < 0)
 		e->path[0] = 0;
-	kt_submit(e, sizeof(*e));
+	kt_submit_rare(e, sizeof(*e));
 	return 0;
 }
 
@@ -65,6 +65,6 @@ int kt_cgroup_mkdir_tp(struct trace_event_raw_cgroup *ctx)
 	/* __data_loc: the low 16 bits are the string's offset from the record's start */
 	if (bpf_probe_read_kernel_str(e->path, sizeof(e->path), (void *)ctx + (loc & 0xffff)) < 0)
 		e->path[0] = 0;
-	kt_submit(e, sizeof(*e));
+	kt_submit_rare(e, sizeof(*e));
 	return 0;
 }

@@ -26,12 +26,24 @@ const volatile __u8 kt_filter_ports = 0;	/* only flows with a port in kt_ports *
 const volatile __u64 kt_wake_bytes = 256 * 1024;
 
 /*
- * Every event crosses this ring. Sized by the loader (--ring-size).
+ * The events of the busy families (TCP, UDP, drops, latency) cross this ring.
+ * Sized by the loader (--ring-size).
  */
 struct {
 	__uint(type, BPF_MAP_TYPE_RINGBUF);
 	__uint(max_entries, 8 * 1024 * 1024);
 } events SEC(".maps");
+
+/*
+ * The rare, precious families (oom, process, cgroups, dns, dns_names) have a
+ * ring of their own, so a flood of TCP or UDP events can never take the place
+ * of the one exec or OOM kill that explains an incident. Sized by the loader
+ * (--rare-ring-size).
+ */
+struct {
+	__uint(type, BPF_MAP_TYPE_RINGBUF);
+	__uint(max_entries, 1024 * 1024);
+} rare SEC(".maps");
 
 /*
  * Loss counters, indexed by enum kt_family. Updated in every hook; read once at
@@ -112,10 +124,10 @@ static __always_inline bool kt_sample_ports(__u16 port_a, __u16 port_b)
 	return h % kt_sample_every == 0;
 }
 
-/* Reserve an event of the given kind; counts a reservation failure against family. */
-static __always_inline void *kt_reserve(__u32 family, __u16 kind, __u32 size)
+/* Reserve an event of the given kind on ring; counts a reservation failure against family. */
+static __always_inline void *kt_reserve_on(void *ring, __u32 family, __u16 kind, __u32 size)
 {
-	struct kt_hdr *hdr = bpf_ringbuf_reserve(&events, size, 0);
+	struct kt_hdr *hdr = bpf_ringbuf_reserve(ring, size, 0);
 
 	if (!hdr) {
 		kt_count(family, ringbuf_full);
@@ -130,21 +142,44 @@ static __always_inline void *kt_reserve(__u32 family, __u16 kind, __u32 size)
 
 /*
  * Submit without waking the reader, except on the one record that takes the
- * backlog past kt_wake_bytes. The reader also polls on a short timer. Waking
- * user space for every record is what slows a traced workload most; forcing a
- * wakeup on every record past the mark (not just the crossing one) turns into
- * backpressure once the reader falls behind.
+ * backlog of its ring past kt_wake_bytes. The reader also polls on a short
+ * timer. Waking user space for every record is what slows a traced workload
+ * most; forcing a wakeup on every record past the mark (not just the crossing
+ * one) turns into backpressure once the reader falls behind. ring must be the
+ * ring the event was reserved on: its backlog is the one that counts.
  */
-static __always_inline void kt_submit(void *event, __u32 size)
+static __always_inline void kt_submit_on(void *ring, void *event, __u32 size)
 {
 	/* each record carries an 8-byte header and is rounded up to 8 bytes */
 	__u64 record = ((size + 7) & ~7) + 8;
-	__u64 avail = bpf_ringbuf_query(&events, BPF_RB_AVAIL_DATA);
+	__u64 avail = bpf_ringbuf_query(ring, BPF_RB_AVAIL_DATA);
 	__u64 flags = BPF_RB_NO_WAKEUP;
 
 	if (avail >= kt_wake_bytes && avail - record < kt_wake_bytes)
 		flags = BPF_RB_FORCE_WAKEUP;
 	bpf_ringbuf_submit(event, flags);
+}
+
+/* The busy families' ring. */
+static __always_inline void *kt_reserve(__u32 family, __u16 kind, __u32 size)
+{
+	return kt_reserve_on(&events, family, kind, size);
+}
+
+static __always_inline void kt_submit(void *event, __u32 size)
+{
+	kt_submit_on(&events, event, size);
+}
+
+/* The rare families' ring: an event reserved with kt_reserve_rare goes out with kt_submit_rare. */
+static __always_inline void *kt_reserve_rare(__u32 family, __u16 kind, __u32 size)
+{
+	return kt_reserve_on(&rare, family, kind, size);
+}
+
+static __always_inline void kt_submit_rare(void *event, __u32 size)
+{
+	kt_submit_on(&rare, event, size);
 }
 
 /* Fill the task block from a task_struct (usually the current task). */

@@ -221,7 +221,7 @@ static __always_inline int kt_lookup_exit(struct pt_regs *ctx, __u8 function)
 		return 0;
 	}
 	kt_count(KT_FAMILY_DNS_NAMES, seen);
-	e = kt_reserve(KT_FAMILY_DNS_NAMES, KT_KIND_DNS_LOOKUP, sizeof(*e));
+	e = kt_reserve_rare(KT_FAMILY_DNS_NAMES, KT_KIND_DNS_LOOKUP, sizeof(*e));
 	if (e) {
 		kt_fill_current(&e->task);
 		e->latency_ns = e->hdr.ts_ns - l->start_ns;
@@ -244,7 +244,7 @@ static __always_inline int kt_lookup_exit(struct pt_regs *ctx, __u8 function)
 		e->function = function;
 		__builtin_memset(e->_pad, 0, sizeof(e->_pad));
 		__builtin_memcpy(e->name, l->name, sizeof(e->name));
-		kt_submit(e, sizeof(*e));
+		kt_submit_rare(e, sizeof(*e));
 	}
 	bpf_map_delete_elem(&lookups, &id);
 	return 0;

@@ -66,7 +66,7 @@ static __always_inline void kt_emit_exec(struct task_struct *task, __u32 old_tid
 	if (kt_is_self())
 		return;
 	kt_count(KT_FAMILY_PROCESS, seen);
-	e = kt_reserve(KT_FAMILY_PROCESS, KT_KIND_EXEC, sizeof(*e));
+	e = kt_reserve_rare(KT_FAMILY_PROCESS, KT_KIND_EXEC, sizeof(*e));
 	if (!e)
 		return;
 	kt_fill_task(&e->task, task);
@@ -93,7 +93,7 @@ static __always_inline void kt_emit_exec(struct task_struct *task, __u32 old_tid
 		if (len && bpf_probe_read_user(e->args, len, (const void *)start) == 0)
 			e->args_len = len;
 	}
-	kt_submit(e, sizeof(*e));
+	kt_submit_rare(e, sizeof(*e));
 }
 
 SEC("tp_btf/sched_process_exec")
@@ -123,13 +123,13 @@ static __always_inline void kt_emit_fork(struct task_struct *parent, __u32 child
 	if (kt_is_self())
 		return;
 	kt_count(KT_FAMILY_PROCESS, seen);
-	e = kt_reserve(KT_FAMILY_PROCESS, KT_KIND_FORK, sizeof(*e));
+	e = kt_reserve_rare(KT_FAMILY_PROCESS, KT_KIND_FORK, sizeof(*e));
 	if (!e)
 		return;
 	kt_fill_task(&e->task, parent);
 	e->child_pid = child_pid;
 	e->child_ppid = child_ppid;
-	kt_submit(e, sizeof(*e));
+	kt_submit_rare(e, sizeof(*e));
 }
 
 SEC("tp_btf/sched_process_fork")
@@ -180,7 +180,7 @@ static __always_inline void kt_emit_exit(struct task_struct *task)
 	if (BPF_CORE_READ(task, pid) != BPF_CORE_READ(task, tgid) || kt_is_self())
 		return;
 	kt_count(KT_FAMILY_PROCESS, seen);
-	e = kt_reserve(KT_FAMILY_PROCESS, KT_KIND_EXIT, sizeof(*e));
+	e = kt_reserve_rare(KT_FAMILY_PROCESS, KT_KIND_EXIT, sizeof(*e));
 	if (!e)
 		return;
 	kt_fill_task(&e->task, task);
@@ -188,7 +188,7 @@ static __always_inline void kt_emit_exit(struct task_struct *task)
 	e->runtime_ns = bpf_ktime_get_ns() - BPF_CORE_READ(task, start_time);
 	e->exit_code = BPF_CORE_READ(task, exit_code);
 	e->_pad = 0;
-	kt_submit(e, sizeof(*e));
+	kt_submit_rare(e, sizeof(*e));
 }
 
 SEC("tp_btf/sched_process_exit")
@@ -243,7 +243,7 @@ static __always_inline struct kt_oom_event *kt_oom_reserve(void)
 	struct kt_oom_event *e;
 
 	kt_count(KT_FAMILY_OOM, seen);
-	e = kt_reserve(KT_FAMILY_OOM, KT_KIND_OOM, sizeof(*e));
+	e = kt_reserve_rare(KT_FAMILY_OOM, KT_KIND_OOM, sizeof(*e));
 	if (!e)
 		return NULL;
 	e->trigger_pid = BPF_CORE_READ(current, tgid);
@@ -271,7 +271,7 @@ int BPF_PROG(kt_oom_btf, struct task_struct *task, uid_t uid)
 	e->shmem_rss_kb = kt_mm_pages(mm, KT_MM_SHMEMPAGES) << shift;
 	e->pgtables_kb = BPF_CORE_READ(mm, pgtables_bytes.counter) >> 10;
 	e->oom_score_adj = BPF_CORE_READ(task, signal, oom_score_adj);
-	kt_submit(e, sizeof(*e));
+	kt_submit_rare(e, sizeof(*e));
 	return 0;
 }
 
@@ -310,6 +310,6 @@ int kt_oom_tp(struct trace_event_raw_mark_victim *ctx)
 	e->shmem_rss_kb = BPF_CORE_READ(ctx, shmem_rss);
 	e->pgtables_kb = BPF_CORE_READ(ctx, pgtables);
 	e->oom_score_adj = BPF_CORE_READ(ctx, oom_score_adj);
-	kt_submit(e, sizeof(*e));
+	kt_submit_rare(e, sizeof(*e));
 	return 0;
 }

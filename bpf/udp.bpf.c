@@ -269,7 +269,7 @@ static __always_inline void kt_dns_message(const struct sock *sk, const struct k
 		kt_count(KT_FAMILY_DNS, sampled_out);
 		return;
 	}
-	e = kt_reserve(KT_FAMILY_DNS, KT_KIND_DNS, sizeof(*e));
+	e = kt_reserve_rare(KT_FAMILY_DNS, KT_KIND_DNS, sizeof(*e));
 	if (!e)
 		return;
 	kt_fill_current(&e->task);
@@ -283,7 +283,7 @@ static __always_inline void kt_dns_message(const struct sock *sk, const struct k
 	e->message = (role == KT_DNS_CLIENT) == (direction == KT_DIR_EGRESS) ? KT_DNS_QUERY : KT_DNS_REPLY;
 	e->role = role;
 	__builtin_memset(e->_pad, 0, sizeof(e->_pad));
-	kt_submit(e, sizeof(*e));
+	kt_submit_rare(e, sizeof(*e));
 }
 
 /*

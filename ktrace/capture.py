@@ -22,7 +22,7 @@ from ktrace.events import generated
 log = logging.getLogger("ktrace.capture")
 
 # Maps that every object declares identically and that the session shares.
-SHARED_MAPS = ("events", "counters", "ports")
+SHARED_MAPS = ("events", "rare", "counters", "ports")
 
 DEFAULT_MAP_SIZES = {
     "sk_owner": 65536,  # sockets remembered with their owner
@@ -55,7 +55,8 @@ class CaptureConfig:
     dns_ports: tuple[int, ...] = DNS_PORTS
     dns_only: bool = False
     sample_every: int = 1
-    ring_bytes: int = 8 << 20
+    ring_bytes: int = 8 << 20  # the busy families' ring (events)
+    rare_ring_bytes: int = 1 << 20  # the rare families' ring (rare): oom, process, cgroups, dns, dns_names
     wake_bytes: int = 256 << 10
     map_sizes: dict[str, int] = field(default_factory=lambda: dict(DEFAULT_MAP_SIZES))
     self_tgid: int = field(default_factory=os.getpid)
@@ -67,7 +68,7 @@ class CaptureConfig:
 
 
 class Capture:
-    """Loaded and attached objects of one session, and the ring buffer they write to."""
+    """Loaded and attached objects of one session, and the two ring buffers they write to."""
 
     def __init__(self, objects: dict[str, libbpf.BpfObject], links: list[libbpf.Link],
                  table: list[probes.FamilyStatus], config: CaptureConfig) -> None:
@@ -76,10 +77,12 @@ class Capture:
         self.table = table
         self.config = config
         first = next(iter(objects.values()))
-        self._events = first.map("events")
         self._counters = first.map("counters")
         self.pending: list[bytes] = []
-        self.ring = libbpf.RingBuffer(self._events.fd, self._on_record)
+        # the rare ring is read first in every round, so a cgroup_mkdir mostly comes before the busy
+        # families' events of tasks in the new cgroup (the two rings have no order between them)
+        self.ring = libbpf.RingBuffer(first.map("rare").fd, self._on_record)
+        self.ring.add(first.map("events").fd)
         self.map_report = _map_report(objects)
         self.notes: dict[str, str] = {}  # family → how its hook was attached, for the probe table
         self._flows = self._flows_inserted = None
@@ -98,7 +101,7 @@ class Capture:
         return 0
 
     def poll(self, timeout_ms: int) -> list[bytes]:
-        """Wait up to timeout_ms (or a wakeup), then take every record in the ring."""
+        """Wait up to timeout_ms (or a wakeup), then take every record in the rings."""
         self.ring.poll(timeout_ms)
         self.ring.consume()
         batch, self.pending = self.pending, []
@@ -305,6 +308,7 @@ def _configure(obj: libbpf.BpfObject, config: CaptureConfig, shared: dict[str, i
                      for name, value in own.items() if name in present})
     obj.set_rodata(settings)
     obj.map("events").set_max_entries(config.ring_bytes)
+    obj.map("rare").set_max_entries(config.rare_ring_bytes)
     for name, size in config.map_sizes.items():
         try:
             m = obj.map(name)
@@ -513,7 +517,7 @@ def trial(family: probes.Family, hook: probes.Hook) -> tuple[str, str]:
     result = hook.check()
     if not result.ok:
         return "unsupported", result.reason
-    config = CaptureConfig(families=(family.name,), ring_bytes=64 << 10,
+    config = CaptureConfig(families=(family.name,), ring_bytes=64 << 10, rare_ring_bytes=64 << 10,
                            map_sizes=dict.fromkeys(DEFAULT_MAP_SIZES, 64))
     try:
         capture = _load_and_attach({family.obj: set(hook.programs)}, config, {})

@@ -234,7 +234,10 @@ def cli() -> None:
                    "(every request is counted in the kernel's per-disk histogram); a disk whose p99 is over it is "
                    "a finding.")
 @click.option("--ring-size", type=Size(), default="8M", show_default=True,
-              help="Ring buffer size (a power of two).")
+              help="Size of the ring buffer of the busy families: TCP, UDP, drops, sched, blockio (a power of two).")
+@click.option("--rare-ring-size", type=Size(), default="1M", show_default=True,
+              help="Size of the ring buffer of the rare families: oom, process, cgroups, dns, dns_names (a power "
+                   "of two). A flood on the other ring never takes their place.")
 @click.option("--ready-file", type=click.Path(path_type=Path), default=None,
               help="Create this file once the probes are attached (for scripts that start traffic after).")
 @click.option("--verbose", "-v", count=True, help="More detail; -vv adds libbpf's and the verifier's log.")
@@ -245,7 +248,7 @@ def snapshot(duration: float, out_dir: Path, node: str | None, ports: tuple[int,
              max_bytes: int | None, families: tuple[str, ...] | None, skip_hooks: tuple[tuple[str, ...], ...],
              with_connect_latency: bool, with_dns_names: bool, with_args: bool, with_conntrack: bool,
              with_cri: bool | None, cri_socket: Path | None, pod_logs_dir: Path, sched_warn: float, bio_warn: float,
-             ring_size: int, ready_file: Path | None, verbose: int, quiet: bool) -> int:
+             ring_size: int, rare_ring_size: int, ready_file: Path | None, verbose: int, quiet: bool) -> int:
     """Record TCP, UDP, DNS, process, OOM, scheduler, disk and packet-drop activity for a fixed window and write
     a bundle.
 
@@ -270,9 +273,9 @@ def snapshot(duration: float, out_dir: Path, node: str | None, ports: tuple[int,
     from ktrace.snapshot import SnapshotOptions, run
 
     _setup_logging(verbose, quiet)
-    ring = ring_size
-    if ring < 4096 or ring & (ring - 1):
-        raise click.BadParameter("must be a power of two of at least 4096 bytes", param_hint="--ring-size")
+    for size, hint in ((ring_size, "--ring-size"), (rare_ring_size, "--rare-ring-size")):
+        if size < 4096 or size & (size - 1):
+            raise click.BadParameter("must be a power of two of at least 4096 bytes", param_hint=hint)
     selected = families or tuple(f.name for f in probes.FAMILIES if f.default)
     if not with_connect_latency:
         selected = tuple(f for f in selected if f != "connect")
@@ -287,7 +290,8 @@ def snapshot(duration: float, out_dir: Path, node: str | None, ports: tuple[int,
     opts = SnapshotOptions(duration_s=duration, out_dir=out_dir, node=node or "", ports=ports or (),
                            dns_ports=dns_ports, dns_only=dns_only, dns_timeout_s=dns_timeout, udp_flows=udp_flows,
                            sample=sample, max_events=max_events, max_bytes=max_bytes, families=selected,
-                           ring_bytes=ring, skip_hooks=frozenset(label for labels in skip_hooks for label in labels),
+                           ring_bytes=ring_size, rare_ring_bytes=rare_ring_size,
+                           skip_hooks=frozenset(label for labels in skip_hooks for label in labels),
                            quiet=quiet, ready_file=ready_file, with_args=with_args, sched_warn_s=sched_warn,
                            bio_warn_s=bio_warn, with_conntrack=with_conntrack, with_cri=with_cri,
                            cri_socket=cri_socket, pod_logs_dir=pod_logs_dir)

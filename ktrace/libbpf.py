@@ -139,6 +139,7 @@ def _declare(lib: ctypes.CDLL) -> None:
     _sig(lib, "bpf_map_delete_elem", i, i, vp)
     _sig(lib, "bpf_map_get_next_key", i, i, vp, vp)
     _sig(lib, "ring_buffer__new", vp, i, RingBufferCallback, vp, vp)
+    _sig(lib, "ring_buffer__add", i, vp, i, RingBufferCallback, vp)
     _sig(lib, "ring_buffer__free", None, vp)
     _sig(lib, "ring_buffer__poll", i, vp, i)
     _sig(lib, "ring_buffer__epoll_fd", i, vp)
@@ -494,9 +495,10 @@ def _failed_program(lines: list[str]) -> str:
 
 
 class RingBuffer:
-    """libbpf's ring buffer consumer over one RINGBUF map.
+    """libbpf's ring buffer consumer over one or more RINGBUF maps, all with the one callback.
 
-    The callback receives (pointer, size) for each record; it must not raise.
+    The callback receives (pointer, size) for each record; it must not raise. A
+    consume reads the rings in the order they were given, each as far as it goes.
     """
 
     def __init__(self, map_fd: int, callback: Callable[[int, int], int]) -> None:
@@ -515,6 +517,12 @@ class RingBuffer:
             err = _errno()
             raise BpfError(f"ring_buffer__new failed ({strerror(err)})", err)
         self._ptr = ptr
+
+    def add(self, map_fd: int) -> None:
+        """Poll another RINGBUF map too, read after the ones before it."""
+        rc = library().ring_buffer__add(self._ptr, map_fd, self._cb, None)
+        if rc:
+            raise BpfError(f"ring_buffer__add failed ({strerror(rc)})", -rc)
 
     @property
     def epoll_fd(self) -> int:

@@ -54,6 +54,7 @@ class SnapshotOptions:
     max_bytes: int | None = None
     families: tuple[str, ...] = tuple(f.name for f in probes.FAMILIES if f.default)
     ring_bytes: int = 8 << 20
+    rare_ring_bytes: int = 1 << 20
     skip_hooks: frozenset[str] = frozenset()  # --skip-hook: alternatives treated as unavailable
     with_args: bool = False  # --with-args: exec events carry the arguments
     with_conntrack: bool = False  # --with-conntrack: TCP and UDP flow events carry their conntrack entry
@@ -73,7 +74,8 @@ class SnapshotOptions:
             "ports": list(self.ports), "dns_ports": list(self.dns_ports), "dns_only": self.dns_only,
             "dns_timeout_s": self.dns_timeout_s, "udp_flows": self.udp_flows, "sample": self.sample,
             "max_events": self.max_events, "max_bytes": self.max_bytes, "probes": list(self.families),
-            "ring_bytes": self.ring_bytes, "with_dns_names": "dns_names" in self.families,
+            "ring_bytes": self.ring_bytes, "rare_ring_bytes": self.rare_ring_bytes,
+            "with_dns_names": "dns_names" in self.families,
             "skip_hooks": sorted(self.skip_hooks), "with_args": self.with_args,
             "sched_warn_ms": round(self.sched_warn_s * 1e3, 3), "bio_warn_ms": round(self.bio_warn_s * 1e3, 3),
             "with_conntrack": self.with_conntrack, "with_cri": self.with_cri,
@@ -159,7 +161,7 @@ class _Recorder:
                 self.write_annotated(event)
             elif kind == "dns_query" or kind == "dns_reply":
                 self.dns.add(event)
-            elif kind == "cgroup_mkdir":  # before any event of a task in the new cgroup: the ring keeps order
+            elif kind == "cgroup_mkdir":  # the rare ring is read first: mostly before the new cgroup's tasks' events
                 self.identity.add_mkdir(event)
                 account(event, write(line))
             elif kind == "oom_kill":  # rare: resolved while its memory cgroup most likely still exists
@@ -227,6 +229,7 @@ def run(opts: SnapshotOptions) -> SnapshotResult:
     ports = opts.dns_ports if opts.dns_only else opts.ports
     config = capture.CaptureConfig(families=opts.families, ports=ports, dns_ports=opts.dns_ports,
                                    dns_only=opts.dns_only, sample_every=opts.sample, ring_bytes=opts.ring_bytes,
+                                   rare_ring_bytes=opts.rare_ring_bytes,
                                    map_sizes={**capture.DEFAULT_MAP_SIZES, "udp_flows": opts.udp_flows},
                                    skip_hooks=opts.skip_hooks, with_args=opts.with_args,
                                    sched_warn_ns=int(opts.sched_warn_s * 1e9), bio_warn_ns=int(opts.bio_warn_s * 1e9))

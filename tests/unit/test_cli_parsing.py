@@ -106,6 +106,11 @@ def test_ring_size_that_is_not_a_power_of_two_is_a_usage_error(capsys):
     assert "must be a power of two" in _usage_error(capsys, "--ring-size=5000")
 
 
+def test_rare_ring_size_that_is_not_a_power_of_two_is_a_usage_error(capsys):
+    error = _usage_error(capsys, "--rare-ring-size=5000")
+    assert "must be a power of two" in error and "--rare-ring-size" in error
+
+
 def test_hook_labels_split_on_commas_outside_braces():
     labels = "tp_btf/sock_{send,recv}_length, tracepoint/sock/sock_{send,recv}_length"
     assert cli.HookList().convert(labels, None, None) == (

@@ -178,7 +178,10 @@ def test_a_process_on_its_own_deleted_libc_gets_its_own_uprobes(tmp_path):
         try:
             maps = Path(f"/proc/{client.pid}/maps")
             deadline = time.monotonic() + 30
-            while str(own / "libc.so.6") not in maps.read_text():
+            # `ip netns exec` is linked with libc too and maps the copy before it execs Python: wait for Python
+            # itself, or the copy may be gone before Python loads it, and Python takes the host's libc
+            while (Path(f"/proc/{client.pid}/exe").resolve() != Path(sys.executable).resolve()
+                   or str(own / "libc.so.6") not in maps.read_text()):
                 assert time.monotonic() < deadline and client.poll() is None, "the client never mapped its libc"
                 time.sleep(0.02)
             (own / "libc.so.6").unlink()

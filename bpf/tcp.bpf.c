@@ -712,9 +712,32 @@ static __always_inline __u32 kt_skb_pcount(const struct sk_buff *skb)
 	return BPF_CORE_READ(cb, tcp_gso_segs);
 }
 
+/* One retransmit event: a data skb (kind data) or a SYN-ACK (kind synack), owned by o. */
+static __always_inline void kt_send_retransmit(const struct kt_sock *o, const struct kt_tuple *t, __u64 skaddr,
+					       __u32 total_retrans, __u32 snd_cwnd, __u32 srtt_us, __s32 err,
+					       __u32 segments, __u8 state, __u8 kind)
+{
+	struct kt_retransmit_event *e = kt_reserve(KT_FAMILY_RETRANSMIT, KT_KIND_RETRANSMIT, sizeof(*e));
+
+	if (!e)
+		return;
+	e->task = o->task;
+	e->attribution = o->attribution;
+	e->skaddr = skaddr;
+	e->total_retrans = total_retrans;
+	e->snd_cwnd = snd_cwnd;
+	e->srtt_us = srtt_us;
+	e->err = err;
+	e->segments = segments;
+	kt_copy_tuple(t, e->saddr, e->daddr, &e->sport, &e->dport, &e->family);
+	e->state = state;
+	e->kind = kind;
+	__builtin_memset(e->_pad, 0, sizeof(e->_pad));
+	kt_submit(e, sizeof(*e));
+}
+
 static __always_inline int kt_handle_retransmit(const struct sock *sk, const struct sk_buff *skb, int err)
 {
-	struct kt_retransmit_event *e;
 	struct kt_tuple t = {};
 	struct kt_sock scratch = {};
 	struct kt_sock *o;
@@ -733,22 +756,9 @@ static __always_inline int kt_handle_retransmit(const struct sock *sk, const str
 		kt_count(KT_FAMILY_RETRANSMIT, sampled_out);
 		return 0;
 	}
-	e = kt_reserve(KT_FAMILY_RETRANSMIT, KT_KIND_RETRANSMIT, sizeof(*e));
-	if (!e)
-		return 0;
-	e->task = o->task;
-	e->attribution = o->attribution;
-	e->skaddr = (__u64)sk;
-	e->total_retrans = BPF_CORE_READ(tp, total_retrans);
-	e->snd_cwnd = BPF_CORE_READ(tp, snd_cwnd);
-	e->srtt_us = BPF_CORE_READ(tp, srtt_us) >> 3;
-	e->err = err;
-	e->segments = skb ? kt_skb_pcount(skb) : 1;
-	kt_copy_tuple(&t, e->saddr, e->daddr, &e->sport, &e->dport, &e->family);
-	e->state = BPF_CORE_READ(sk, __sk_common.skc_state);
-	e->kind = KT_RETX_DATA;
-	__builtin_memset(e->_pad, 0, sizeof(e->_pad));
-	kt_submit(e, sizeof(*e));
+	kt_send_retransmit(o, &t, (__u64)sk, BPF_CORE_READ(tp, total_retrans), BPF_CORE_READ(tp, snd_cwnd),
+			   BPF_CORE_READ(tp, srtt_us) >> 3, err, skb ? kt_skb_pcount(skb) : 1,
+			   BPF_CORE_READ(sk, __sk_common.skc_state), KT_RETX_DATA);
 	return 0;
 }
 
@@ -760,7 +770,6 @@ static __always_inline int kt_handle_retransmit(const struct sock *sk, const str
 static __always_inline int kt_handle_synack(const struct sock *sk, const struct request_sock *req)
 {
 	const struct sock_common *rc = (const struct sock_common *)req;
-	struct kt_retransmit_event *e;
 	struct kt_tuple t = {};
 	struct kt_sock scratch = {};
 	struct kt_sock *o;
@@ -786,23 +795,9 @@ static __always_inline int kt_handle_synack(const struct sock *sk, const struct 
 		kt_count(KT_FAMILY_RETRANSMIT, sampled_out);
 		return 0;
 	}
-	e = kt_reserve(KT_FAMILY_RETRANSMIT, KT_KIND_RETRANSMIT, sizeof(*e));
-	if (!e)
-		return 0;
-	e->task = o->task;
-	e->attribution = o->attribution;
-	e->skaddr = (__u64)req;
-	/* SYN-ACKs of this request sent again before this one (counted once it is sent) */
-	e->total_retrans = BPF_CORE_READ(req, num_retrans);
-	e->snd_cwnd = 0;
-	e->srtt_us = 0;
-	e->err = 0;
-	e->segments = 1;
-	kt_copy_tuple(&t, e->saddr, e->daddr, &e->sport, &e->dport, &e->family);
-	e->state = BPF_CORE_READ(rc, skc_state);
-	e->kind = KT_RETX_SYNACK;
-	__builtin_memset(e->_pad, 0, sizeof(e->_pad));
-	kt_submit(e, sizeof(*e));
+	/* total_retrans: SYN-ACKs of this request sent again before this one (counted once it is sent) */
+	kt_send_retransmit(o, &t, (__u64)req, BPF_CORE_READ(req, num_retrans), 0, 0, 0, 1,
+			   BPF_CORE_READ(rc, skc_state), KT_RETX_SYNACK);
 	return 0;
 }
 

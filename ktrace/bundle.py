@@ -70,7 +70,7 @@ def _write_atomic(path: Path, data: bytes) -> None:
 
 
 class Bundle:
-    """One bundle being written. Use write_event() during the window, then finish()."""
+    """One bundle being written: write_line() for each event, then close_events(), write_json() and write_tgz()."""
 
     def __init__(self, out_dir: Path, node: str, started: float, max_events: int | None,
                  max_bytes: int | None, pid: int | None = None) -> None:
@@ -82,7 +82,8 @@ class Bundle:
         self.max_bytes = max_bytes
         self.lines = 0
         self.bytes = 0
-        self.capped = False  # a cap was reached: nothing more is written
+        self.event_lines = self.event_bytes = 0  # per-event lines, which the caps bound
+        self.capped = ""  # the cap that was reached (max_events, max_bytes): no per-event line is written after
         self.truncated = ""  # why writing stopped early (disk full), if it did
         self._buffer: list[bytes] = []
         self._buffered = 0
@@ -91,17 +92,26 @@ class Bundle:
     def write_event(self, event: dict) -> int | None:
         return self.write_line(orjson.dumps(event) + b"\n")
 
-    def write_line(self, line: bytes) -> int | None:
-        """Append one JSON line; returns its 1-based line number, or None when a cap or a full disk stopped it."""
-        if self.capped or self.truncated:
+    def write_line(self, line: bytes, aggregate: bool = False) -> int | None:
+        """Append one JSON line; returns its 1-based line number, or None when a cap or a full disk stopped it.
+
+        The caps bound the per-event lines and keep them a prefix of the window: writing stops at the first
+        line that does not fit. Aggregate lines (a count that stands for the whole window, bounded by the
+        kernel map it was read from) are written whatever the caps, so the file always holds them.
+        """
+        if self.truncated:
             return None
-        if self.max_events is not None and self.lines >= self.max_events:
-            self.capped = True
-            return None
-        if self.max_bytes is not None and self.bytes + len(line) > self.max_bytes:
-            # caps are exact and keep the file a prefix of the window: stop at the first line that does not fit
-            self.capped = True
-            return None
+        if not aggregate:
+            if self.capped:
+                return None
+            if self.max_events is not None and self.event_lines >= self.max_events:
+                self.capped = "max_events"
+                return None
+            if self.max_bytes is not None and self.event_bytes + len(line) > self.max_bytes:
+                self.capped = "max_bytes"
+                return None
+            self.event_lines += 1
+            self.event_bytes += len(line)
         self.lines += 1
         self.bytes += len(line)
         self._buffer.append(line)

@@ -8,14 +8,14 @@ kernel (no kprobes, no trampolines) still gets every family it can.
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import logging
 import os
+import select
 import time
 from dataclasses import dataclass, field
 
-from ktrace import libbpf, libc, probes
+from ktrace import libbpf, libc, probes, spool
 from ktrace.errors import BpfError, KtraceError
 from ktrace.events import generated
 
@@ -68,7 +68,7 @@ class CaptureConfig:
 
 
 class Capture:
-    """Loaded and attached objects of one session, and the two ring buffers they write to."""
+    """Loaded and attached objects of one session, and the two ring buffers they write to (mapped, not read)."""
 
     def __init__(self, objects: dict[str, libbpf.BpfObject], links: list[libbpf.Link],
                  table: list[probes.FamilyStatus], config: CaptureConfig) -> None:
@@ -78,11 +78,8 @@ class Capture:
         self.config = config
         first = next(iter(objects.values()))
         self._counters = first.map("counters")
-        self.pending: list[bytes] = []
-        # the rare ring is read first in every round, so a cgroup_mkdir mostly comes before the busy
-        # families' events of tasks in the new cgroup (the two rings have no order between them)
-        self.ring = libbpf.RingBuffer(first.map("rare").fd, self._on_record)
-        self.ring.add(first.map("events").fd)
+        # the rare ring first: see spool.RingPoller
+        self.rings = [spool.MappedRing(first.map(name).fd, first.map(name).max_entries) for name in ("rare", "events")]
         self.map_report = _map_report(objects)
         self.notes: dict[str, str] = {}  # family → how its hook was attached, for the probe table
         self._flows = self._flows_inserted = None
@@ -96,21 +93,18 @@ class Capture:
         if self._latency is not None:
             self._add_overflow_entries(self._latency)
 
-    def _on_record(self, data: int, size: int) -> int:
-        self.pending.append(ctypes.string_at(data, size))
-        return 0
-
-    def poll(self, timeout_ms: int) -> list[bytes]:
-        """Wait up to timeout_ms (or a wakeup), then take every record in the rings."""
-        self.ring.poll(timeout_ms)
-        self.ring.consume()
-        batch, self.pending = self.pending, []
-        return batch
-
-    def drain(self) -> list[bytes]:
-        self.ring.consume()
-        batch, self.pending = self.pending, []
-        return batch
+    def read(self, timeout_s: float = 0.0) -> list[bytes]:
+        """The records in the rings now, after waiting up to timeout_s for a wakeup, rare ring first: for tools
+        that want records one by one (the fixture recorders). A snapshot spools the rings' bytes instead."""
+        if timeout_s > 0:
+            with select.epoll() as ep:
+                for ring in self.rings:
+                    ep.register(ring.fd, select.EPOLLIN)
+                ep.poll(timeout_s)
+        out: list[bytes] = []
+        for ring in self.rings:
+            out += spool.split(ring.take([0] * spool.MAX_KIND))
+        return out
 
     def flows(self, idle_before_ns: int | None = None) -> list[bytes]:
         """Records of the UDP flows counted in the kernel.
@@ -247,7 +241,9 @@ class Capture:
 
     def close(self) -> None:
         self.detach()
-        self.ring.free()
+        for ring in self.rings:
+            ring.close()
+        self.rings = []
         for obj in self.objects.values():
             obj.close()
         self.objects = {}

@@ -191,10 +191,12 @@ def cli() -> None:
                    "a connection or a DNS exchange; a kept flow keeps all its events, listening sockets are always "
                    "kept. Process, OOM, drop, sched and blockio events are never sampled.")
 @click.option("--max-events", type=click.IntRange(min=0), default=None,
-              help="Write at most this many events; the rest are counted as capped. [default: no limit]")
+              help="Write at most this many per-event lines; the rest are counted as capped (the aggregate lines "
+                   "and summary.json still cover the whole window). [default: no limit]")
 @click.option("--max-bytes", type=Size(), default=None,
-              help="Write at most this many bytes of events (500k, 20M); the rest are counted as capped. "
-                   "[default: no limit]")
+              help="Write at most this many bytes of per-event lines (500k, 20M); the rest are counted as capped "
+                   "(the aggregate lines and summary.json still cover the whole window). "
+                   "[default: 1G, or a quarter of --out-dir's free space when that is less]")
 @click.option("--probes", "families", type=FamilyList(), default=None,
               help=f"Probe families to load (comma-separated), of: {', '.join(probes.FAMILY_BY_NAME)}. "
                    f"[default: {', '.join(f.name for f in probes.FAMILIES if f.default)}]")
@@ -238,6 +240,11 @@ def cli() -> None:
 @click.option("--rare-ring-size", type=Size(), default="1M", show_default=True,
               help="Size of the ring buffer of the rare families: oom, process, cgroups, dns, dns_names (a power "
                    "of two). A flood on the other ring never takes their place.")
+@click.option("--stream", is_flag=True,
+              help="Also write every event to stdout as the window runs, one JSON line each, as in events.jsonl "
+                   "(for log shippers); the bundle is written as usual and its path goes to stderr. Decoding then "
+                   "runs beside the capture instead of after the window. Ends the window early when the reader "
+                   "of stdout goes away.")
 @click.option("--ready-file", type=click.Path(path_type=Path), default=None,
               help="Create this file once the probes are attached (for scripts that start traffic after).")
 @click.option("--verbose", "-v", count=True, help="More detail; -vv adds libbpf's and the verifier's log.")
@@ -248,7 +255,8 @@ def snapshot(duration: float, out_dir: Path, node: str | None, ports: tuple[int,
              max_bytes: int | None, families: tuple[str, ...] | None, skip_hooks: tuple[tuple[str, ...], ...],
              with_connect_latency: bool, with_dns_names: bool, with_args: bool, with_conntrack: bool,
              with_cri: bool | None, cri_socket: Path | None, pod_logs_dir: Path, sched_warn: float, bio_warn: float,
-             ring_size: int, rare_ring_size: int, ready_file: Path | None, verbose: int, quiet: bool) -> int:
+             ring_size: int, rare_ring_size: int, stream: bool, ready_file: Path | None, verbose: int,
+             quiet: bool) -> int:
     """Record TCP, UDP, DNS, process, OOM, scheduler, disk and packet-drop activity for a fixed window and write
     a bundle.
 
@@ -268,6 +276,7 @@ def snapshot(duration: float, out_dir: Path, node: str | None, ports: tuple[int,
       sudo ktrace --duration=60s --dns-only --with-dns-names
       sudo ktrace --duration=60s --skip-hook='tp_btf/sock_{send,recv}_length'
       sudo ktrace --duration=30s --with-conntrack
+      sudo ktrace --duration=5m --stream | vector --config ship.toml
       sudo ktrace --duration=30s --cri-socket=/run/k3s/containerd/containerd.sock
     """
     from ktrace.snapshot import SnapshotOptions, run
@@ -294,12 +303,13 @@ def snapshot(duration: float, out_dir: Path, node: str | None, ports: tuple[int,
                            skip_hooks=frozenset(label for labels in skip_hooks for label in labels),
                            quiet=quiet, ready_file=ready_file, with_args=with_args, sched_warn_s=sched_warn,
                            bio_warn_s=bio_warn, with_conntrack=with_conntrack, with_cri=with_cri,
-                           cri_socket=cri_socket, pod_logs_dir=pod_logs_dir)
+                           cri_socket=cri_socket, pod_logs_dir=pod_logs_dir, stream=stream)
     result = run(opts)
     if not quiet:
         for line in result.summary["console"]["lines"]:  # the view summary.json keeps, exactly as printed
             click.echo(line, err=True)
-    click.echo(str(result.paths["bundle.tgz"]))  # stdout holds only this line, also with -q: scripts read it
+    # stdout holds only this line, also with -q: scripts read it; with --stream, stdout holds the events
+    click.echo(str(result.paths["bundle.tgz"]), err=stream)
     return int(result.status)
 
 

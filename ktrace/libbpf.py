@@ -14,7 +14,7 @@ import ctypes.util
 import errno as errno_mod
 import logging
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 from ktrace.errors import BpfError, LibbpfMissing
@@ -53,10 +53,8 @@ BPF_PROG_TYPE_RAW_TRACEPOINT = 17
 BPF_PROG_TYPE_TRACING = 26
 
 _print_fn_type = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_int, ctypes.c_char_p, ctypes.c_void_p)
-RingBufferCallback = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t)
 
 _lib: ctypes.CDLL | None = None
-_pylib: ctypes.PyDLL | None = None
 _libc = ctypes.CDLL(None, use_errno=True)
 _print_fn: Any = None  # keeps the log callback alive for the life of the process
 _recent_log: collections.deque[str] = collections.deque(maxlen=400)
@@ -138,11 +136,6 @@ def _declare(lib: ctypes.CDLL) -> None:
     _sig(lib, "bpf_map_update_elem", i, i, vp, vp, ctypes.c_uint64)
     _sig(lib, "bpf_map_delete_elem", i, i, vp)
     _sig(lib, "bpf_map_get_next_key", i, i, vp, vp)
-    _sig(lib, "ring_buffer__new", vp, i, RingBufferCallback, vp, vp)
-    _sig(lib, "ring_buffer__add", i, vp, i, RingBufferCallback, vp)
-    _sig(lib, "ring_buffer__free", None, vp)
-    _sig(lib, "ring_buffer__poll", i, vp, i)
-    _sig(lib, "ring_buffer__epoll_fd", i, vp)
     _sig(lib, "btf__parse", vp, cp, vp)
     _sig(lib, "btf__load_vmlinux_btf", vp)
     _sig(lib, "btf__free", None, vp)
@@ -170,7 +163,7 @@ def _on_libbpf_print(level: int, fmt: bytes, args: int) -> int:
 
 def library() -> ctypes.CDLL:
     """The loaded libbpf, checked for version >= 1.0. Raises LibbpfMissing."""
-    global _lib, _pylib, _print_fn
+    global _lib, _print_fn
     if _lib is not None:
         return _lib
     path = os.environ.get("KTRACE_LIBBPF") or ctypes.util.find_library("bpf") or "libbpf.so.1"
@@ -189,10 +182,6 @@ def library() -> ctypes.CDLL:
         raise LibbpfMissing(f"libbpf {version[0]}.{version[1]} is too old; ktrace needs libbpf >= 1.0")
     _print_fn = _print_fn_type(_on_libbpf_print)
     lib.libbpf_set_print(_print_fn)
-    # The ring buffer is consumed through PyDLL: the call keeps the GIL, so the
-    # per-record callback does not pay a GIL hand-off.
-    _pylib = ctypes.PyDLL(path, use_errno=True)
-    _sig(_pylib, "ring_buffer__consume", ctypes.c_int, ctypes.c_void_p)
     _lib = lib
     return lib
 
@@ -492,61 +481,6 @@ def _failed_program(lines: list[str]) -> str:
             if end > start:
                 return line[start + 6 : end]
     return ""
-
-
-class RingBuffer:
-    """libbpf's ring buffer consumer over one or more RINGBUF maps, all with the one callback.
-
-    The callback receives (pointer, size) for each record; it must not raise. A
-    consume reads the rings in the order they were given, each as far as it goes.
-    """
-
-    def __init__(self, map_fd: int, callback: Callable[[int, int], int]) -> None:
-        lib = library()
-
-        def trampoline(_ctx: int, data: int, size: int) -> int:
-            try:
-                return callback(data, size)
-            except Exception:  # noqa: BLE001 - an exception must not reach C
-                log.exception("ring buffer callback failed")
-                return 0
-
-        self._cb = RingBufferCallback(trampoline)  # referenced for the ring's whole life
-        ptr = lib.ring_buffer__new(map_fd, self._cb, None, None)
-        if not ptr:
-            err = _errno()
-            raise BpfError(f"ring_buffer__new failed ({strerror(err)})", err)
-        self._ptr = ptr
-
-    def add(self, map_fd: int) -> None:
-        """Poll another RINGBUF map too, read after the ones before it."""
-        rc = library().ring_buffer__add(self._ptr, map_fd, self._cb, None)
-        if rc:
-            raise BpfError(f"ring_buffer__add failed ({strerror(rc)})", -rc)
-
-    @property
-    def epoll_fd(self) -> int:
-        return library().ring_buffer__epoll_fd(self._ptr)
-
-    def poll(self, timeout_ms: int) -> int:
-        """Wait up to timeout_ms for a wakeup, then consume; returns records consumed."""
-        n = library().ring_buffer__poll(self._ptr, timeout_ms)
-        if n < 0 and n != -errno_mod.EINTR:
-            raise BpfError(f"ring_buffer__poll failed ({strerror(n)})", -n)
-        return max(n, 0)
-
-    def consume(self) -> int:
-        """Consume every record available now, without waiting."""
-        assert _pylib is not None
-        n = _pylib.ring_buffer__consume(self._ptr)
-        if n < 0:
-            raise BpfError(f"ring_buffer__consume failed ({strerror(n)})", -n)
-        return n
-
-    def free(self) -> None:
-        if self._ptr:
-            library().ring_buffer__free(self._ptr)
-            self._ptr = 0
 
 
 class BtfTypeInfo:

@@ -48,9 +48,12 @@ def console_view(findings: list[dict], meta: dict, total: dict, lines: int, samp
     critical = sum(1 for f in findings if f["severity"] == "critical")
     shown = findings[:max(critical, CONSOLE_FINDINGS)]
     # a udp_flow line stands for many datagrams: lines and kernel events are different counts
+    not_written = [f"{total['capped']:,} capped"]
+    if total["disk_full"]:
+        not_written.append(f"{total['disk_full']:,} not written: disk full")
+    not_written.append(f"{total['ringbuf_full']:,} lost")
     text = [f"ktrace: {meta.get('window', {}).get('actual_s', 0):.1f}s, {lines:,} lines written for "
-            f"{total['written']:,} kernel events ({total['capped']:,} capped, {total['ringbuf_full']:,} lost), "
-            f"{len(findings)} findings"]
+            f"{total['written']:,} kernel events ({', '.join(not_written)}), {len(findings)} findings"]
     if sampled["families"]:  # never silent: the counts cover the kept flows only
         families = ", ".join(row["family"] for row in sampled["families"])
         text.append(f"ktrace: sampled 1 flow in {sampled['every']} of {families}: their counts and findings cover "
@@ -90,6 +93,7 @@ class Summary:
         self.pods.add(event, line)
 
     def build(self, *, meta: dict, losses: dict[str, dict[str, int]], probes: list[dict], files: dict,
+              coverage: dict | None = None,
               warnings: list[str], udp_map: dict | None = None, process_counts: dict | None = None,
               drops_map: dict | None = None, latency_losses: dict | None = None, nat: dict | None = None,
               cri: dict | None = None) -> dict:
@@ -125,6 +129,7 @@ class Summary:
             "schema": SCHEMA,
             **meta,
             "counts": dict(sorted(self.counts.items())),
+            "coverage": coverage,
             "losses": {"by_family": losses, "total": total, "balanced": unaccounted == 0},
             "probes": probes,
             "sampling": sampled,

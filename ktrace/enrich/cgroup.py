@@ -74,6 +74,11 @@ class CgroupPaths:
             self._walk(hierarchy, cgroup_id)
         return self._paths.get(key)
 
+    def prime(self) -> None:
+        """Walk every hierarchy once (bounded): cgroups that exist now resolve later, even once removed."""
+        for hierarchy in self.roots:
+            self._walk(hierarchy, 0)
+
     def add(self, hierarchy: str, cgroup_id: int, path: str) -> None:
         """A cgroup seen being created (cgroup_mkdir): known without a walk, even after it is gone."""
         if len(self._paths) >= self.max_entries:

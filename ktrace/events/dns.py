@@ -97,6 +97,15 @@ class DnsPairer:
         key = _key(event)
         queue = self.pending.get(key)
         query = None
+        # queries of this key whose timeout fell due before the reply came time out first, whenever expire() runs:
+        # events are paired by their own clock, during the window or after it
+        while queue and event["ts_ns"] - queue[0].ts_ns >= self.timeout_ns:
+            stale = queue.popleft()
+            self.pending_count -= 1
+            self._timeout(key, stale, stale.ts_ns + self.timeout_ns, False)
+        if queue is not None and not queue:
+            del self.pending[key]
+            queue = None
         # a failed receive (ECONNREFUSED after an ICMP port unreachable) answers the query too
         if queue:
             query = queue.popleft()
@@ -133,7 +142,8 @@ class DnsPairer:
             while queue and (window_end or now_ns - queue[0].ts_ns >= self.timeout_ns):
                 query = queue.popleft()
                 self.pending_count -= 1
-                self._timeout(key, query, now_ns, window_end)
+                # due at its timeout, however late the caller looks (after the window, batch by batch)
+                self._timeout(key, query, now_ns if window_end else query.ts_ns + self.timeout_ns, window_end)
             if not queue:
                 del self.pending[key]
 

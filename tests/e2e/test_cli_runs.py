@@ -195,3 +195,43 @@ def test_a_signal_while_doctor_loads_probes_ends_it_with_one_line(tmp_path, sign
     status = {signal.SIGINT: ExitStatus.INTERRUPTED, signal.SIGTERM: ExitStatus.TERMINATED}[signum]
     assert (proc.returncode, stderr, stdout) == (status, f"ktrace: interrupted by {name} while examining the probes\n",
                                                  "")
+
+
+def test_stream_writes_the_events_to_stdout_as_they_come_and_the_same_lines_to_the_bundle(tmp_path):
+    out = tmp_path / "out"
+    server = Server(tmp_path)
+    run = Ktrace(tmp_path, "--stream", duration="120s", out_dir=out).started()
+    try:
+        assert start_client(server.port, 20, 2, 0, closed_port()).wait(timeout=120) == 0
+        run.signal(signal.SIGINT)
+        status = run.finish(timeout=120)
+    finally:
+        run.kill()
+        server.stop()
+    assert status in (ExitStatus.SUCCESS, ExitStatus.DEGRADED), run.stderr
+    (paths,) = bundles_in(out).values()
+    summary = assert_valid_bundle(paths)
+    assert summary["options"]["stream"] is True
+    assert run.stdout.encode() == paths["events.jsonl"].read_bytes()  # stdout holds the events and nothing else
+    assert [orjson.loads(line)["type"] for line in run.stdout.splitlines()].count("connect") >= 22
+    assert str(paths["bundle.tgz"]) in run.stderr
+
+
+def test_stream_into_head_prints_three_lines_and_ends_cleanly(tmp_path):
+    out = tmp_path / "out"
+    server = Server(tmp_path)
+    client = start_client(server.port, 2000, 0, 0, closed_port())  # events for head to read from the first moment
+    try:
+        result = subprocess.run(f"{sys.executable} -m ktrace --stream --duration=5s --out-dir={out} | head -3",
+                                shell=True, capture_output=True, text=True, timeout=120)
+    finally:
+        client.kill()
+        client.wait()
+        server.stop()
+    lines = result.stdout.splitlines()
+    assert len(lines) == 3
+    assert all(orjson.loads(line)["type"] for line in lines)
+    assert "Traceback" not in result.stderr and "Error" not in result.stderr, result.stderr
+    (paths,) = bundles_in(out).values()
+    summary = assert_valid_bundle(paths)
+    assert summary["window"]["ended_by"] in ("stdout closed", "duration")

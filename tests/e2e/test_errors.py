@@ -79,9 +79,9 @@ def test_bad_flags_are_usage_errors(args, tmp_path):
     assert_one_line_error(result, ExitStatus.USAGE)
 
 
-def test_full_disk_keeps_what_fit_and_marks_the_bundle_truncated(full_disk, tmp_path):
+def _busy_run_on_a_full_disk(tmp_path: Path, full_disk: Path, *args: str):
     server = Server(tmp_path)
-    run = Ktrace(tmp_path, duration="4s", out_dir=full_disk).started()
+    run = Ktrace(tmp_path, *args, duration="4s", out_dir=full_disk).started()
     try:
         # about 10 events of 600 bytes per connection: far more than the 1 MiB disk holds
         assert start_client(server.port, 1500, 0, 0, closed_port()).wait(timeout=120) == 0
@@ -90,9 +90,27 @@ def test_full_disk_keeps_what_fit_and_marks_the_bundle_truncated(full_disk, tmp_
         run.kill()
         server.stop()
     assert status == ExitStatus.DEGRADED, run.stderr
-    bundle = read_bundle(full_disk)
+    assert "Traceback" not in run.stderr
+    return read_bundle(full_disk)
+
+
+def test_full_disk_keeps_what_fit_and_marks_the_bundle_truncated(full_disk, tmp_path):
+    # a cap above what the disk holds: events.jsonl runs into the full disk
+    bundle = _busy_run_on_a_full_disk(tmp_path, full_disk, "--max-bytes=100M")
     assert bundle.summary["files"]["events"]["truncated"]
     assert any("truncated" in reason for reason in bundle.summary["degraded"])
     assert len(bundle.events) == bundle.summary["files"]["events"]["lines"] > 0
     total = bundle.summary["losses"]["total"]
     assert total["disk_full"] > 0 and bundle.summary["losses"]["balanced"]
+    assert "disk full" in bundle.summary["console"]["lines"][0]
+    assert [cut["by"] for cut in bundle.summary["coverage"]["cuts"]] == ["disk_full"] * len(
+        bundle.summary["coverage"]["cuts"])
+
+
+def test_a_default_run_on_a_small_disk_keeps_within_it_and_counts_the_rest(full_disk, tmp_path):
+    # the default --max-bytes is a quarter of the free space, the spool at most half: the bundle fits
+    bundle = _busy_run_on_a_full_disk(tmp_path, full_disk)
+    assert bundle.summary["options"]["max_bytes"] <= (1 << 20) // 4
+    total = bundle.summary["losses"]["total"]
+    assert total["capped"] + total["disk_full"] > 0 and bundle.summary["losses"]["balanced"]
+    assert bundle.summary["coverage"]["per_event_lines"]["whole_window"] is False

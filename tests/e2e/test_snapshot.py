@@ -2,14 +2,22 @@
 
 from __future__ import annotations
 
+import json
+import os
 import signal
 import stat
+import subprocess
+import sys
 import tarfile
-from collections import defaultdict
+import tempfile
+from collections import Counter, defaultdict
 
+import orjson
 import pytest
 
 from ktrace.events.decode import family_and_weight
+from ktrace.snapshot import AGGREGATE_TYPES
+from tests.dnsnet import RESOLVER
 from tests.helpers import Ktrace, Server, closed_port, start_client
 
 N_OK, N_REFUSED, N_HOLD = 100, 10, 5
@@ -187,20 +195,73 @@ def record_client_traffic(tmp_path, *args: str, connections: int, duration: str 
         server.stop()
 
 
+def _per_event(bundle) -> list[dict]:
+    return [e for e in bundle.events if e["type"] not in AGGREGATE_TYPES]
+
+
 def test_max_events_writes_exactly_that_many_and_counts_the_rest_as_capped(tmp_path):
     bundle, _ = record_client_traffic(tmp_path, "--max-events=50", connections=30)
-    assert len(bundle.events) == 50
+    assert len(_per_event(bundle)) == 50
     total = bundle.summary["losses"]["total"]
-    assert total["written"] == 50
+    aggregated = sum(family_and_weight(e)[1] for e in bundle.events if e["type"] in AGGREGATE_TYPES)
+    assert total["written"] == 50 + aggregated
     assert total["capped"] >= 30 * 10 - 50
-    assert total["seen"] == 50 + total["capped"] + total["filtered"] + total["sampled_out"]
+    assert total["disk_full"] == 0
+    assert total["seen"] == total["written"] + total["capped"] + total["filtered"] + total["sampled_out"] + total[
+        "aggregated"] - aggregated
 
 
-def test_max_bytes_is_an_exact_cap(tmp_path):
+def test_max_bytes_is_an_exact_cap_on_the_per_event_lines(tmp_path):
     bundle, _ = record_client_traffic(tmp_path, "--max-bytes=20000", connections=30)
-    size = bundle.paths["events.jsonl"].stat().st_size
-    assert 20000 - 1000 < size <= 20000
+    lines = bundle.paths["events.jsonl"].read_bytes().splitlines(keepends=True)
+    per_event = sum(len(line) for line in lines if orjson.loads(line)["type"] not in AGGREGATE_TYPES)
+    assert 20000 - 1000 < per_event <= 20000
     assert bundle.summary["losses"]["total"]["capped"] > 0
+    assert bundle.summary["coverage"]["cuts"][0]["by"] == "max_bytes"
+
+
+def test_a_capped_window_still_has_every_aggregate_line_and_whole_window_counts(tmp_path):
+    """--max-events=2000 on a busy window: the per-event lines are its first part; the UDP flows, the latency
+    histograms and the drop counts cover all of it, and so do summary.json's counts."""
+    server = Server(tmp_path)
+    ktrace = Ktrace(tmp_path, "--max-events=2000", duration="120s").started()
+    try:
+        client = start_client(server.port, 400, 20, 0, closed_port())  # refused SYNs: drops by NO_SOCKET
+        udp = subprocess.run([sys.executable, RESOLVER, "udp-pair", "--count", "3000", "--size", "64"],
+                             capture_output=True, text=True, check=True, timeout=300)
+        assert client.wait(timeout=120) == 0
+        fd, path = tempfile.mkstemp(dir=tmp_path)  # a synchronous write: a block request, so a bio histogram
+        os.write(fd, os.urandom(64 << 10))
+        os.fsync(fd)
+        os.close(fd)
+        os.unlink(path)
+        ktrace.signal(signal.SIGINT)
+        assert ktrace.finish() == 0, ktrace.stderr
+        bundle = ktrace.bundle()
+    finally:
+        ktrace.kill()
+        server.stop()
+    assert json.loads(udp.stdout.strip().splitlines()[-1])
+
+    in_file = Counter(e["type"] for e in bundle.events)
+    assert len(_per_event(bundle)) == 2000
+    for kind in ("udp_flow", "runq_histogram", "bio_histogram", "drop_count"):
+        assert in_file[kind] > 0, kind
+    coverage = bundle.summary["coverage"]
+    assert coverage["counts"] == coverage["aggregate_lines"] == "whole_window"
+    assert coverage["counts_in_file"] == dict(in_file)
+    assert coverage["per_event_lines"]["whole_window"] is False
+    [cut] = coverage["cuts"]
+    assert cut["by"] == "max_events" and cut["limit"] == 2000
+    assert coverage["per_event_lines"]["first"] <= coverage["per_event_lines"]["last"] <= cut["from"]
+    # counts: the whole window, far past the 2,000 lines the file holds
+    counts = bundle.summary["counts"]
+    assert counts["tcp_state"] >= 400 * 10 > in_file["tcp_state"]
+    assert bundle.summary["tcp"]["connections"]["refused"] == 20
+    # every datagram of the UDP traffic is in the flow lines, which a cap never cuts
+    ingress = [f for f in bundle.of_type("udp_flow") if f["comm"] == "kt-udp" and f["direction"] == "ingress"]
+    assert sum(f["packets"] for f in ingress) == 3000
+    assert "capped" in bundle.summary["console"]["lines"][0]
 
 
 def test_sample_keeps_about_a_tenth_of_the_flows_each_complete(tmp_path):

@@ -33,11 +33,12 @@ def test_top_level_help_shows_the_exit_statuses():
         assert f"{status.value:>3}  {status.name.lower().replace('_', ' ')}" in text
 
 
-def test_the_caps_show_that_by_default_there_is_none():
+def test_the_caps_show_their_defaults():
     for text in (_help("--help"), _help("snapshot", "--help")):
-        for option in ("--max-events", "--max-bytes"):
-            row = text[text.index(f"  {option} "):].split("\n  -", 1)[0]
-            assert "[default: no limit]" in row, row
+        rows = {option: " ".join(text[text.index(f"  {option} "):].split("\n  -", 1)[0].split())
+                for option in ("--max-events", "--max-bytes")}
+        assert "[default: no limit]" in rows["--max-events"]
+        assert "[default: 1G, or a quarter of --out-dir's free space when that is less]" in rows["--max-bytes"]
 
 
 def test_a_misspelt_command_is_a_usage_error_that_suggests_the_right_one(capsys):

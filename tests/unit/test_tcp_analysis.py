@@ -38,7 +38,7 @@ def _build(summary: Summary, losses: dict | None = None) -> dict:
                          udp_map=recorded["udp"]["kernel_map"], drops_map=recorded["drops"]["kernel_map"],
                          process_counts={"threads_created": recorded["processes"]["threads_created"]},
                          latency_losses={s: recorded[s]["kernel_losses"] for s in ("sched", "blockio")},
-                         cri=recorded["cri"])
+                         cri=recorded["cri"], coverage=recorded.get("coverage"))
 
 
 def _rules(findings: list[dict]) -> list[str]:

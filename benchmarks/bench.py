@@ -772,11 +772,12 @@ def highest_lossless(runs: Sequence[Run], ignore: Collection[str] = ()) -> Optio
 
 
 def verdict(runs: Sequence[Run], ignore: Collection[str]) -> str:
+    """'0 lost', or how many runs lost (or missed state changes) and the most one lost."""
+    failed = sum(not r.lossless(ignore) for r in runs)
+    if not failed:
+        return "0 lost"
     worst = max(r.lost_except(ignore) for r in runs)
-    if worst:
-        return f"lost up to {worst}"
-    short = sum(not r.lossless(ignore) for r in runs)
-    return f"{short} of {len(runs)} runs short of state changes" if short else "0 lost"
+    return f"{failed} of {len(runs)} runs " + (f"lost, up to {worst}" if worst else "short of state changes")
 
 
 def report_paced(n: int, runs: list[Run]) -> dict[str, object]:

@@ -128,6 +128,13 @@ def test_the_highest_lossless_rate_can_leave_out_what_ktrace_chose_not_to_record
     assert bench.highest_lossless(runs, bench.NOT_RECORDED) == 200e3
 
 
+def test_the_paced_verdict_says_how_many_runs_lost_and_the_most_one_lost():
+    runs = [paced(50e3, 50e3, filtered=700), paced(50e3, 50e3, lost=45, filtered=600), paced(50e3, 50e3)]
+    assert bench.verdict(runs, ()) == "2 of 3 runs lost, up to 700"
+    assert bench.verdict(runs, bench.NOT_RECORDED) == "1 of 3 runs lost, up to 45"
+    assert bench.verdict(runs[2:], ()) == "0 lost"
+
+
 def test_reps_rotate_the_order_of_the_configs():
     assert [bench.rotated(["a", "b", "c"], rep) for rep in range(4)] == [
         ["a", "b", "c"], ["b", "c", "a"], ["c", "a", "b"], ["a", "b", "c"]]

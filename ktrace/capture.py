@@ -222,6 +222,29 @@ class Capture:
             out[section] = {**(out[section] or {}), loss: count}
         return out
 
+    def missed(self) -> dict[str, int | None]:
+        """Per loss family: runs of its attached programs that the kernel skipped (bpf_prog_info.recursion_misses),
+        summed; None when this kernel does not count them (before 5.12). A skipped run saw nothing, so its event, if
+        it would have made one, is missing from seen. A program two families share (udp and dns) counts for the
+        first. Programs with no loss row (accept, socket_owners, udp_peers) name owners or peers, not events."""
+        family_of: dict[str, str] = {}
+        for fam in probes.FAMILIES:
+            if fam.name in generated.FAMILY.values():
+                for name in fam.programs():
+                    family_of.setdefault(name, fam.name)
+        out: dict[str, int | None] = {}
+        for obj in self.objects.values():
+            for prog in obj.programs():
+                family = family_of.get(prog.name)
+                if family is None or not prog.autoload or prog.section.startswith("iter/"):
+                    continue
+                misses = prog.recursion_misses()
+                if misses is None:
+                    out.setdefault(family, None)
+                elif out.get(family, 0) is not None:
+                    out[family] = out.get(family, 0) + misses
+        return out
+
     def detach(self) -> None:
         for link in self.links:
             link.destroy()

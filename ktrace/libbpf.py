@@ -52,6 +52,12 @@ BPF_PROG_TYPE_TRACEPOINT = 5
 BPF_PROG_TYPE_RAW_TRACEPOINT = 17
 BPF_PROG_TYPE_TRACING = 26
 
+# struct bpf_prog_info (include/uapi/linux/bpf.h), a uapi layout that only ever grows at its end: its size on
+# 6.18, and the offset of recursion_misses (v5.12, commit 9ed9e9ba2337 "bpf: Count the number of times recursion
+# was prevented"). A kernel with a shorter struct writes back a shorter info_len.
+_PROG_INFO_SIZE = 232
+_RECURSION_MISSES_OFF = 208
+
 _print_fn_type = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_int, ctypes.c_char_p, ctypes.c_void_p)
 
 _lib: ctypes.CDLL | None = None
@@ -117,6 +123,7 @@ def _declare(lib: ctypes.CDLL) -> None:
     _sig(lib, "bpf_program__set_autoload", i, vp, ctypes.c_bool)
     _sig(lib, "bpf_program__autoload", ctypes.c_bool, vp)
     _sig(lib, "bpf_program__fd", i, vp)
+    _sig(lib, "bpf_obj_get_info_by_fd", i, i, vp, ctypes.POINTER(u32))
     _sig(lib, "bpf_program__attach", vp, vp)
     _sig(lib, "bpf_program__attach_cgroup", vp, vp, i)
     _sig(lib, "bpf_program__attach_uprobe_opts", vp, vp, i, cp, sz, ctypes.POINTER(_UprobeOpts))
@@ -260,6 +267,18 @@ class Program:
     @property
     def fd(self) -> int:
         return library().bpf_program__fd(self._ptr)
+
+    def recursion_misses(self) -> int | None:
+        """Runs of this loaded program the kernel skipped because a BPF program was already running on that CPU
+        (bpf_prog_info.recursion_misses); None on kernels before 5.12, which do not count them."""
+        info = ctypes.create_string_buffer(_PROG_INFO_SIZE)  # zeroed: the kernel refuses non-zero bytes it lacks
+        length = ctypes.c_uint32(_PROG_INFO_SIZE)
+        rc = library().bpf_obj_get_info_by_fd(self.fd, info, ctypes.byref(length))
+        if rc:
+            raise BpfError(f"{self.name}: reading its program info failed ({strerror(rc)})", -rc, program=self.name)
+        if length.value < _RECURSION_MISSES_OFF + 8:
+            return None
+        return int.from_bytes(info.raw[_RECURSION_MISSES_OFF:_RECURSION_MISSES_OFF + 8], "little")
 
     def attach(self) -> Link:
         """Attach by section name (tracepoint, tp_btf, raw_tp, kprobe, fentry, uprobe)."""

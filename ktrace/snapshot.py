@@ -442,6 +442,7 @@ def run(opts: SnapshotOptions) -> SnapshotResult:
         time.sleep(0.02)
         _take_last(poller, recorder, follower is None)
         counters = cap.counters()
+        missed = cap.missed()
         process_counts = cap.process_counts()
         _take_last(poller, recorder, follower is None)
         records.append_records(cap.held_states())  # what still waits in the kernel: written, never lost
@@ -516,6 +517,8 @@ def run(opts: SnapshotOptions) -> SnapshotResult:
             "capped": recorder.capped[family],
             "disk_full": disk_full[family] + spool_lost.get(family, 0),
             "undecodable": 0,
+            # runs the kernel skipped: not in seen (the hook never ran), so outside the sum above
+            "missed": missed.get(family, 0),
         }
     if recorder.undecodable:
         losses.setdefault("unknown", dict.fromkeys(("seen", "written", "aggregated", *LOSS_KINDS), 0))
@@ -532,6 +535,9 @@ def run(opts: SnapshotOptions) -> SnapshotResult:
     if records.full:
         degraded.append(f"records not kept: {records.full}")
         warnings.append(f"records not kept: {records.full}")
+    skipped = sum(f.get("missed") or 0 for f in losses.values())
+    if skipped:
+        degraded.append(f"{skipped} runs of ktrace's hooks skipped by the kernel (recursion_misses)")
     if bundle.truncated:
         degraded.append(f"events.jsonl truncated: {bundle.truncated}")
         warnings.append(f"events.jsonl truncated: {bundle.truncated}")

@@ -51,7 +51,7 @@ def console_view(findings: list[dict], meta: dict, total: dict, lines: int, samp
     not_written = [f"{total['capped']:,} capped"]
     if total["disk_full"]:
         not_written.append(f"{total['disk_full']:,} not written: disk full")
-    not_written.append(f"{total['ringbuf_full']:,} lost")
+    not_written.append(f"{total['ringbuf_full'] + total.get('missed', 0):,} lost")
     text = [f"ktrace: {meta.get('window', {}).get('actual_s', 0):.1f}s, {lines:,} lines written for "
             f"{total['written']:,} kernel events ({', '.join(not_written)}), {len(findings)} findings"]
     if sampled["families"]:  # never silent: the counts cover the kept flows only
@@ -63,6 +63,21 @@ def console_view(findings: list[dict], meta: dict, total: dict, lines: int, samp
         text.append(f"  ... {len(findings) - len(shown)} more in summary.json (findings)")
     text += [f"ktrace: degraded: {reason}" for reason in meta.get("degraded", [])]
     return {"lines": text, "findings_shown": len(shown), "findings_omitted": len(findings) - len(shown)}
+
+
+def events_lost(lost: int, missed: int) -> dict:
+    """Events that never reached events.jsonl: lost in transit (ring full, undecodable), and runs of ktrace's
+    programs the kernel skipped (missed), whose events the hooks never saw."""
+    parts, hints = [], []
+    if lost:
+        parts.append(f"{lost} events lost in transit")
+        hints.append("The ring buffer filled: raise --ring-size, narrow --ports or use --sample.")
+    if missed:
+        parts.append(f"{missed} runs of ktrace's hooks skipped by the kernel")
+        hints.append("The kernel skipped a hook while another BPF program ran on the same CPU (recursion_misses): "
+                     "counts of the families in losses.by_family with missed > 0 may be short by that many.")
+    return finding("events_lost", "warning", "; ".join(parts), {}, Examples(count=lost + missed), " ".join(hints),
+                   "/losses/total")
 
 
 class Summary:
@@ -110,14 +125,14 @@ class Summary:
                     + self.latency.sched_findings(sched_warn) + self.latency.blockio_findings(bio_warn)
                     + conntrack_findings(nat["tables"] if nat else []))
         latency_losses = latency_losses or {}
-        total = {kind: sum(f.get(kind, 0) for f in losses.values())
-                 for kind in ("seen", "written", "aggregated", *LOSS_KINDS)}
+        # bundles of ktrace versions that did not read the kernel's skipped runs have no missed column
+        kinds = ("seen", "written", "aggregated", *LOSS_KINDS,
+                 *(("missed",) if any("missed" in f for f in losses.values()) else ()))
+        total = {kind: sum(f.get(kind) or 0 for f in losses.values()) for kind in kinds}
         unaccounted = sum(abs(f["seen"] - f["written"] - sum(f[k] for k in LOSS_KINDS)) for f in losses.values())
-        if total["ringbuf_full"] or total["undecodable"]:
-            findings.append(finding(
-                "events_lost", "warning", f"{total['ringbuf_full'] + total['undecodable']} events lost in transit",
-                {}, Examples(count=total["ringbuf_full"] + total["undecodable"]),
-                "The ring buffer filled: raise --ring-size, narrow --ports or use --sample.", "/losses/total"))
+        lost = total["ringbuf_full"] + total["undecodable"]
+        if lost or total.get("missed"):
+            findings.append(events_lost(lost, total.get("missed", 0)))
         findings.sort(key=rank)
         for f in findings:
             # the rules know processes and endpoints; the pods come from who made the evidence events
@@ -130,7 +145,8 @@ class Summary:
             **meta,
             "counts": dict(sorted(self.counts.items())),
             "coverage": coverage,
-            "losses": {"by_family": losses, "total": total, "balanced": unaccounted == 0},
+            # a skipped run is an event of unknown kind, or none: it cannot be balanced, only counted
+            "losses": {"by_family": losses, "total": total, "balanced": unaccounted == 0 and not total.get("missed")},
             "probes": probes,
             "sampling": sampled,
             "tcp": {**self.tcp.summary(), "sample_every": every},

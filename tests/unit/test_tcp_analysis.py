@@ -264,6 +264,29 @@ def test_losses_that_do_not_add_up_are_flagged_unbalanced():
     assert _build(_replay(EVENTS), losses)["losses"]["balanced"] is False
 
 
+def test_runs_the_kernel_skipped_are_counted_apart_from_seen_and_leave_the_losses_unbalanced():
+    losses = copy.deepcopy(fixture_summary()["losses"]["by_family"])
+    for row in losses.values():
+        row["missed"] = 0
+    losses["tcp_state"]["missed"] = 3  # the hook never ran for them: seen and written do not know them
+    doc = _build(_replay(EVENTS), losses)
+    assert doc["losses"]["total"]["missed"] == 3
+    assert doc["losses"]["balanced"] is False
+    lost = [f for f in doc["findings"] if f["rule"] == "events_lost"]
+    assert len(lost) == 1 and lost[0]["evidence"] == {"count": 3, "lines": [], "summary": "/losses/total"}
+    assert "3 runs of ktrace's hooks skipped by the kernel" in lost[0]["title"]
+
+
+def test_no_run_skipped_keeps_the_losses_balanced_and_a_kernel_that_cannot_tell_adds_none():
+    losses = copy.deepcopy(fixture_summary()["losses"]["by_family"])
+    for row in losses.values():
+        row["missed"] = 0
+    losses["sched"]["missed"] = None  # before 5.12 the kernel does not count skipped runs
+    doc = _build(_replay(EVENTS), losses)
+    assert doc["losses"]["total"]["missed"] == 0 and doc["losses"]["balanced"] is True
+    assert "events_lost" not in _rules(doc["findings"])
+
+
 def test_percentile_of_no_samples_is_none():
     assert tcp.percentile([], 0.5) is None
     assert tcp.percentile([4.2], 0.99) == 4.2

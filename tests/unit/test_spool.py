@@ -26,8 +26,21 @@ def _ring_chunk(records: list[tuple[bytes, bool]]) -> bytes:
     return out
 
 
+_OPEN: list[spool.Spool] = []
+
+
+@pytest.fixture(autouse=True)
+def _close_spools():
+    # a spool's writer thread left running would take process-directed signals meant for other tests
+    yield
+    while _OPEN:
+        _OPEN.pop().close()
+
+
 def _spool(tmp_path, limit: int | None = None) -> spool.Spool:
-    return spool.Spool(tmp_path, limit=limit)
+    s = spool.Spool(tmp_path, limit=limit)
+    _OPEN.append(s)
+    return s
 
 
 def test_a_closed_spool_stops_its_writer(tmp_path):

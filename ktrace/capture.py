@@ -103,7 +103,7 @@ class Capture:
                 ep.poll(timeout_s)
         out: list[bytes] = []
         for ring in self.rings:
-            out += spool.split(ring.take([0] * spool.MAX_KIND))
+            out += spool.split(ring.take([0] * spool.MAX_KIND))[0]
         return out
 
     def flows(self, idle_before_ns: int | None = None) -> list[bytes]:

@@ -272,7 +272,7 @@ class _Recorder:
         """What must happen while the window runs, for records decoded only after it (a chunk of the rare ring):
         a new cgroup's path, and its container named while the runtime still knows it; an OOM victim's memory
         cgroup path, read while the cgroup most likely still exists. Both are cached for the decode."""
-        for record in spool.records_of(chunk, LIVE_KINDS):
+        for record in spool.split(chunk, LIVE_KINDS)[0]:
             decoded = self.decoder.decode(record)
             if decoded is None:
                 continue

@@ -112,29 +112,22 @@ def frame(records: list[bytes]) -> bytes:
     return bytes(out)
 
 
-def split(chunk: bytes) -> list[bytes]:
-    """The data of every committed record in a chunk of whole framed records."""
+def split(chunk: bytes, kinds: frozenset[int] | None = None) -> tuple[list[bytes], int]:
+    """The data of the committed records in a chunk of framed records (only those of these kinds, if given), and
+    where the whole records end: a chunk read from a file may end inside one."""
     out, pos, end = [], 0, len(chunk)
     unpack = _u32.unpack_from
     while pos + RINGBUF_HDR <= end:
         length = unpack(chunk, pos)[0]
         size = length & LENGTH_MASK
-        if not length & DISCARD_BIT:
+        record_end = pos + _round8(size + RINGBUF_HDR)
+        if record_end > end:
+            break
+        if not length & DISCARD_BIT and (
+                kinds is None or chunk[pos + KIND_OFFSET] | chunk[pos + KIND_OFFSET + 1] << 8 in kinds):
             out.append(chunk[pos + RINGBUF_HDR:pos + RINGBUF_HDR + size])
-        pos += _round8(size + RINGBUF_HDR)
-    return out
-
-
-def records_of(chunk: bytes, kinds: frozenset[int]) -> Iterator[bytes]:
-    """The data of the committed records of these kinds in a chunk of whole framed records."""
-    pos, end = 0, len(chunk)
-    unpack = _u32.unpack_from
-    while pos + RINGBUF_HDR <= end:
-        length = unpack(chunk, pos)[0]
-        size = length & LENGTH_MASK
-        if not length & DISCARD_BIT and chunk[pos + KIND_OFFSET] | chunk[pos + KIND_OFFSET + 1] << 8 in kinds:
-            yield chunk[pos + RINGBUF_HDR:pos + RINGBUF_HDR + size]
-        pos += _round8(size + RINGBUF_HDR)
+        pos = record_end
+    return out, pos
 
 
 class Spool:
@@ -271,22 +264,12 @@ class SpoolReader:
     def batches(self, end: int | None = None) -> Iterator[list[bytes]]:
         """Batches of record data (ring header stripped) up to end (default: what the spool holds now)."""
         end = self.spool.length if end is None else end
-        unpack = _u32.unpack_from
         while self.offset < end:
-            chunk = os.pread(self.spool.fd, min(READ_CHUNK, end - self.offset), self.offset)
-            pos, batch = 0, []
-            while pos + RINGBUF_HDR <= len(chunk):
-                length = unpack(chunk, pos)[0]
-                size = _round8((length & LENGTH_MASK) + RINGBUF_HDR)
-                if pos + size > len(chunk):
-                    break  # the record continues in the next read
-                if not length & DISCARD_BIT:
-                    batch.append(chunk[pos + RINGBUF_HDR:pos + RINGBUF_HDR + (length & LENGTH_MASK)])
-                pos += size
-            if not pos:
+            batch, whole = split(os.pread(self.spool.fd, min(READ_CHUNK, end - self.offset), self.offset))
+            if not whole:
                 # the rings' records are a few KiB at most: a record longer than a read is a corrupt spool
                 raise ValueError(f"spool: no whole record at offset {self.offset}")
-            self.offset += pos
+            self.offset += whole
             yield batch
 
 

@@ -200,7 +200,7 @@ def test_queries_from_fresh_sockets_pair_with_their_own_socket_and_the_dropped_t
     seen = {q["name"]: q for q in ns.queries() if q["name"] in names}
     assert len(seen) == FRESH_QUERIES
     port_of = {name: int(q["peer"].rsplit(":", 1)[1]) for name, q in seen.items()}
-    assert len(set(port_of.values())) == FRESH_QUERIES  # a fresh socket, a fresh port
+    # a fresh socket per query, told apart by inode below: dig picks its port at random, and may pick one twice
     mine = set(port_of.values())
     queries = [e for e in bundle.of_type("dns_query") if e["role"] == "client" and e["sport"] in mine]
     replies = [e for e in bundle.of_type("dns_reply") if e["role"] == "client" and e["sport"] in mine]
